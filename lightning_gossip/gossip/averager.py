@@ -1,0 +1,262 @@
+"""GoSGD for a hand-written training loop: plain torch.distributed, no Lightning.
+
+    dist.init_process_group("gloo")
+    model = make_model()
+    gossip = GossipAverager(model, p=0.1, topology="random", seed=0)   # broadcasts rank 0's weights
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in my_shard_of_the_data:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        gossip.step()                 # with probability p, push (weights, weight/2) to a peer; mix what arrives
+    gossip.consensus_()               # every rank now holds the exact weighted average
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gossip.gossip.exchange import GossipCounters, GossipExchange, PendingExchange
+from lightning_gossip.gossip.schedule import GossipSchedule, check_probability
+from lightning_gossip.gossip.state import GossipState, gossiped_tensors
+from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
+
+TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if value in TRANSFER_DTYPES:
+        return TRANSFER_DTYPES[value]
+    raise ValueError(
+        f"transfer_dtype must be None (the model's dtype) or one of {[k for k in TRANSFER_DTYPES if k]}, got {value!r}."
+    )
+
+
+def check_gossip_options(
+    p: Any, topology: TopologyLike, average_every: Optional[int], transfer_dtype: Any, on_nonfinite: str
+) -> None:
+    """Validate the options that do not need a model or a process group, so bad input fails before any spawn."""
+    check_probability(p)
+    resolve_topology(topology)
+    resolve_transfer_dtype(transfer_dtype)
+    if average_every is not None and (
+        isinstance(average_every, bool) or not isinstance(average_every, int) or average_every < 1
+    ):
+        raise ValueError(f"average_every must be None or an integer >= 1 (steps), got {average_every!r}.")
+    if on_nonfinite not in ("warn", "error"):
+        raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}.")
+
+
+def check_same_model_on_all_ranks(module: nn.Module, include_buffers: bool) -> None:
+    """Fail at setup, naming the first difference, if the ranks' models do not have the same tensors.
+
+    Gossip mixes flat buffers position by position, so a shape mismatch would silently mix unrelated weights.
+    """
+    named = list(module.named_parameters()) + (list(module.named_buffers()) if include_buffers else [])
+    signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in named if t.is_floating_point()]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, signature)
+    reference = everyone[0]
+    for rank, other in enumerate(everyone):
+        if other == reference:
+            continue
+        for index in range(max(len(reference), len(other))):
+            mine = reference[index] if index < len(reference) else None
+            theirs = other[index] if index < len(other) else None
+            if mine != theirs:
+                raise ValueError(
+                    f"Gossip needs the same model on every rank, but tensor #{index} is {mine} on rank 0 and "
+                    f"{theirs} on rank {rank} (name, shape, dtype)."
+                )
+
+
+class GossipAverager:
+    """Sum-weight (push-sum) gossip over the ranks of the default process group.
+
+    Args:
+        module: the local model; its floating-point parameters (and buffers, if ``mix_buffers``) are gossiped.
+        p: probability that this rank pushes its weights after a step, in [0, 1].
+        topology: ``"random"`` (GoSGD), ``"ring"``, ``"exponential"`` or an object with ``peer(rank, M, step, u)``.
+        seed: seeds the shared schedule; must be the same on every rank.
+        mix_buffers: also gossip floating-point buffers such as BatchNorm running statistics.
+        overlap: post step t's transfers and mix them in after step t+1's optimizer step (one step stale), so
+            communication hides behind computation.
+        average_every: if set, an exact global average every this many steps (Gossip-PGA; with p=0, Local SGD).
+        transfer_dtype: dtype on the wire (``"bfloat16"``/``"float16"`` halve the bytes); the weight stays float64.
+        on_nonfinite: what to do with a received message holding NaN/Inf: ``"warn"`` (drop its tensors, keep its
+            weight, count it) or ``"error"``.
+        broadcast: copy rank 0's weights to every rank now (skip when every rank already holds its own state).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        p: float = 0.1,
+        topology: TopologyLike = "random",
+        seed: int = 0,
+        mix_buffers: bool = True,
+        overlap: bool = False,
+        average_every: Optional[int] = None,
+        transfer_dtype: Any = None,
+        on_nonfinite: str = "warn",
+        broadcast: bool = True,
+    ) -> None:
+        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("GossipAverager needs an initialised default process group (dist.init_process_group).")
+        self.module = module
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.topology = resolve_topology(topology)
+        validate_topology(self.topology, self.world_size)
+        self.schedule = GossipSchedule(self.world_size, p, self.topology, seed)
+        self.overlap = overlap
+        self.mix_buffers = mix_buffers
+        self.average_every = average_every
+        self.state = GossipState(
+            gossiped_tensors(module, mix_buffers), 1.0 / self.world_size, resolve_transfer_dtype(transfer_dtype)
+        )
+        self.exchange = GossipExchange(self.state, self.rank, on_nonfinite=on_nonfinite)
+        self.step_count = 0
+        self._pending: Optional[PendingExchange] = None
+        check_same_model_on_all_ranks(module, mix_buffers)
+        if broadcast:
+            self.broadcast_from_rank_zero()
+
+    # -- public read-outs -----------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> float:
+        """This rank's gossip weight a_i (float64); the weights of all ranks plus those in flight sum to 1."""
+        return self.state.weight
+
+    @property
+    def counters(self) -> GossipCounters:
+        return self.exchange.counters
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an overlapped exchange has been posted and not mixed in yet."""
+        return self._pending is not None
+
+    def in_flight_weight(self) -> float:
+        """Weight sent to this rank that it has not mixed in yet (waits for the transfers; nonzero only in overlap)."""
+        return self.exchange.in_flight_weight(self._pending) if self._pending is not None else 0.0
+
+    # -- the algorithm --------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """The GoSGD step after an optimizer step: maybe push to a peer, mix in what was sent to this rank."""
+        if self.world_size == 1:
+            self.step_count += 1
+            return
+        # Overlap: step t-1's transfers ran during this step's forward and backward; mix them in now, before
+        # posting step t's (which reuse the same buffers).
+        self.finish()
+        pending = self.exchange.post(self.schedule.plan(self.step_count))
+        if self.overlap:
+            self._pending = pending
+        else:
+            self.exchange.complete(pending)
+        self.step_count += 1
+        if self.average_every and self.step_count % self.average_every == 0:
+            self.consensus_()
+
+    def finish(self) -> None:
+        """Complete any exchange still in flight, so every rank's weight is back in its own a_i."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.exchange.complete(pending)
+
+    def broadcast_from_rank_zero(self) -> None:
+        """GoSGD's start: every x_i equals rank 0's, a_i = 1/M."""
+        flat = self.state.flatten()
+        dist.broadcast(flat, src=0)
+        self.state.load_flat(flat)
+        self.state.weight = 1.0 / self.world_size
+
+    def _mean(self) -> tuple[torch.Tensor, float]:
+        in_flight = []
+        if self._pending is not None:
+            self.exchange.wait(self._pending)
+            in_flight = [message for _, message in self._pending.received]
+        return self.state.weighted_mean(in_flight=in_flight)
+
+    @torch.no_grad()
+    def consensus_(self) -> float:
+        """Put the exact weighted average on every rank and reset a_i = 1/M; returns the pre-average distance.
+
+        A collective: every rank must call it.
+        """
+        self.finish()
+        mean, total = self.state.weighted_mean()
+        distance = self.state.consensus_distance(mean)
+        self.state.load_flat(mean)
+        self.state.weight = total / self.world_size
+        return distance
+
+    @torch.no_grad()
+    def consensus_distance(self) -> float:
+        """(1/M) sum_i ||x_i - x_bar||^2, the spread of the workers' models (a collective)."""
+        return self.state.consensus_distance(self._mean()[0])
+
+    @contextmanager
+    def consensus_swapped_in(self) -> Iterator[float]:
+        """Temporarily hold the exact consensus (to evaluate or save it), then restore this rank's own weights.
+
+        Messages in flight are counted in the consensus but not mixed in, so looking at the consensus never
+        changes the course of training. Yields the consensus distance. A collective: every rank must enter it.
+        """
+        local = self.state.flatten()
+        with torch.no_grad():
+            mean, _ = self._mean()
+            distance = self.state.consensus_distance(mean)
+            self.state.load_flat(mean)
+        try:
+            yield distance
+        finally:
+            self.state.load_flat(local)
+
+    def refresh_tensors(self) -> None:
+        """Re-collect the module's tensors (after ``module.to()``, which replaces buffer tensors)."""
+        tensors = gossiped_tensors(self.module, self.mix_buffers)
+        if [t.numel() for t in tensors] != self.state.numels:
+            raise RuntimeError("The model's floating-point tensors changed shape since gossip was set up.")
+        self.state.tensors = tensors
+        self.state.device = tensors[0].device
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's gossip state, including messages received but not mixed in yet (overlap mode)."""
+        in_flight = []
+        if self._pending is not None:
+            self.exchange.wait(self._pending)
+            in_flight = [(src, message.cpu().clone()) for src, message in self._pending.received]
+        return {
+            "weight": self.state.weight,
+            "step": self.step_count,
+            "seed": self.schedule.seed,
+            "world_size": self.world_size,
+            "counters": self.counters.as_dict(),
+            "in_flight_step": self._pending.step if self._pending is not None else None,
+            "in_flight": in_flight,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"This gossip state was saved with {state['world_size']} workers; it cannot be loaded into a run "
+                f"with {self.world_size}."
+            )
+        self.state.weight = float(state["weight"])
+        self.step_count = int(state["step"])
+        self.exchange.counters = GossipCounters(**state.get("counters", {}))
+        self._pending = None
+        if state.get("in_flight_step") is not None:
+            received = [(int(src), message.to(self.state.device)) for src, message in state["in_flight"]]
+            self._pending = PendingExchange(int(state["in_flight_step"]), [], received)

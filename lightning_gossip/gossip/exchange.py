@@ -1,0 +1,138 @@
+"""Moving gossip messages between the two ranks of each scheduled exchange.
+
+Every rank knows the step's :class:`~lightning_gossip.gossip.schedule.StepPlan`, so it posts exactly the sends and
+receives that involve it, as one ``batch_isend_irecv`` call: only the ranks of an exchange wait for each other, and no
+collective runs per step. :meth:`GossipExchange.post` starts the transfers and returns at once;
+:meth:`GossipExchange.complete` waits for them and mixes what arrived. Calling both back to back is the blocking
+(synchronous) mode; calling ``complete`` one step later is the overlapped mode, where the transfer hides behind the
+next forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gossip.gossip.schedule import StepPlan
+from lightning_gossip.gossip.state import GossipState
+
+
+class GossipScheduleError(RuntimeError):
+    """Ranks disagree about the gossip step: they took different numbers of optimizer steps."""
+
+
+class NonFiniteGossipError(FloatingPointError):
+    """A received gossip message held NaN or Inf and ``on_nonfinite='error'`` was asked for."""
+
+
+@dataclass
+class GossipCounters:
+    """What one rank has moved. Bytes count whole messages (header and payload), as they cross the wire."""
+
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_rejected: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class PendingExchange:
+    """The transfers of one step that have been posted but not yet mixed in."""
+
+    step: int
+    requests: list
+    received: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+class GossipExchange:
+    """Matched point-to-point transfers of one rank's :class:`GossipState` according to a step plan."""
+
+    def __init__(
+        self,
+        state: GossipState,
+        rank: int,
+        on_nonfinite: str = "warn",
+        check_finite: bool = True,
+    ) -> None:
+        if on_nonfinite not in ("warn", "error"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}.")
+        self.state = state
+        self.rank = rank
+        self.on_nonfinite = on_nonfinite
+        self.check_finite = check_finite
+        self.counters = GossipCounters()
+        self._send_buffer: Optional[Tensor] = None
+        self._recv_buffers: list[Tensor] = []
+
+    def post(self, plan: StepPlan) -> PendingExchange:
+        """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
+        ops = []
+        target = plan.target_of(self.rank)
+        if target is not None:
+            # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
+            self.state.weight /= 2.0
+            if self._send_buffer is None:
+                self._send_buffer = self.state.new_message()
+            self.state.pack(self._send_buffer, plan.step, self.rank)
+            ops.append(dist.P2POp(dist.isend, self._send_buffer, target))
+            self.counters.messages_sent += 1
+            self.counters.bytes_sent += self.state.message_bytes
+        sources = plan.sources_of(self.rank)
+        while len(self._recv_buffers) < len(sources):
+            self._recv_buffers.append(self.state.new_message())
+        received = list(zip(sources, self._recv_buffers))
+        ops += [dist.P2POp(dist.irecv, buffer, src) for src, buffer in received]
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        self.counters.steps += 1
+        return PendingExchange(plan.step, requests, received)
+
+    def wait(self, pending: PendingExchange) -> None:
+        """Wait for the step's transfers without mixing; the received messages stay in ``pending``."""
+        requests, pending.requests = pending.requests, []
+        for request in requests:
+            request.wait()
+
+    def in_flight_weight(self, pending: PendingExchange) -> float:
+        """The gossip weight carried by the (waited-for) messages of ``pending`` that are not mixed in yet."""
+        self.wait(pending)
+        return sum(GossipState.read_header(message)[0] for _, message in pending.received)
+
+    def complete(self, pending: PendingExchange) -> None:
+        """Wait for the step's transfers and mix the received messages in, in ascending sender order."""
+        self.wait(pending)
+        for src, message in pending.received:
+            weight, step, sender = GossipState.read_header(message)
+            if step != pending.step or sender != src:
+                raise GossipScheduleError(
+                    f"Rank {self.rank} expected the gossip message of step {pending.step} from rank {src} but got "
+                    f"step {step} from rank {sender}. Every rank must take the same number of optimizer steps: "
+                    "give each rank a shard of the same length (Lightning's DistributedSampler does, unless "
+                    "`use_distributed_sampler=False`) and do not skip optimizer steps on some ranks only."
+                )
+            self.counters.messages_received += 1
+            self.counters.bytes_received += self.state.message_bytes
+            if self.check_finite and not self.state.payload_is_finite(message):
+                self._reject(src, pending.step, weight)
+                continue
+            self.state.mix(message, weight)
+        pending.received = []
+
+    def _reject(self, src: int, step: int, weight: float) -> None:
+        self.counters.messages_rejected += 1
+        text = (
+            f"Rank {self.rank} received a gossip message with NaN/Inf values from rank {src} at step {step}; "
+            "it was not mixed in (its gossip weight was kept so the total stays 1)."
+        )
+        if self.on_nonfinite == "error":
+            raise NonFiniteGossipError(text)
+        warnings.warn(text, RuntimeWarning, stacklevel=3)
+        self.state.absorb_weight(weight)

@@ -1,0 +1,379 @@
+"""GossipStrategy: Lightning's multi-process training with GoSGD gossip instead of DDP's gradient all-reduce.
+
+A thin adapter. It reuses everything of :class:`~lightning.pytorch.strategies.DDPStrategy` that is about processes
+(launchers, cluster environments, process groups, distributed samplers, metric reduction for logging) and replaces
+what is about gradients: the model is never wrapped in ``DistributedDataParallel``; after every optimizer step a
+:class:`~lightning_gossip.gossip.GossipAverager` runs the GoSGD step. The algorithm lives in
+:mod:`lightning_gossip.gossip` and knows nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from datetime import timedelta
+from typing import Any, Callable, Literal, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipScheduleError
+from lightning_gossip.gossip.averager import check_gossip_options
+from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
+
+log = logging.getLogger(__name__)
+
+EVAL_MODES = ("consensus", "local")
+CHECKPOINT_KEY = "gossip"
+
+
+class GossipStrategy(DDPStrategy):
+    """Decentralized data-parallel training with GoSGD (sum-weight gossip).
+
+    Every rank trains its own copy of the model on its own shard of the data. There is no gradient all-reduce:
+    with probability ``p`` after each optimizer step a rank halves its gossip weight and pushes (weights, weight) to
+    a peer chosen by ``topology``, which mixes them in by the sum-weight rule.
+
+    Args:
+        p: gossip probability per rank and step, in [0, 1]. ``p=0`` with ``average_every=H`` is Local SGD.
+        topology: ``"random"`` (GoSGD), ``"ring"``, ``"exponential"`` (SGP's time-varying graph), or an object
+            with a ``peer(rank, world_size, step, u) -> int`` method.
+        seed: seeds the gossip schedule; ``None`` takes Lightning's global seed (``seed_everything``) or 0.
+        mix_buffers: gossip floating-point buffers (BatchNorm running statistics) too.
+        overlap: mix step t's messages in after step t+1's optimizer step, so transfers hide behind compute.
+        average_every: an exact global average every this many steps (Gossip-PGA); ``None`` for never.
+        transfer_dtype: ``None`` (the model's dtype), ``"bfloat16"`` or ``"float16"`` on the wire.
+        eval_mode: ``"consensus"`` evaluates (validate/test/predict) the exact average of all ranks, put in place
+            temporarily; ``"local"`` evaluates each rank's own model.
+        final_consensus: at the end of ``fit``, put the exact average on every rank.
+        on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
+            (``"error"``).
+        monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
+        timeout: process-group timeout; a lost peer turns into an error after this long instead of a hang.
+
+    Optimizer state (momentum, Adam moments) stays local to each rank; only the model is gossiped.
+    """
+
+    strategy_name = "gossip"
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        topology: TopologyLike = "random",
+        seed: Optional[int] = None,
+        mix_buffers: bool = True,
+        overlap: bool = False,
+        average_every: Optional[int] = None,
+        transfer_dtype: Optional[str] = None,
+        eval_mode: Literal["consensus", "local"] = "consensus",
+        final_consensus: bool = True,
+        on_nonfinite: Literal["warn", "error"] = "warn",
+        monitor: bool = True,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        # Everything that can be checked without a model or a process group is checked here, before any spawn.
+        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite)
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be None or an int, got {seed!r}.")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.p = float(p)
+        self.topology = resolve_topology(topology)
+        self.seed = seed
+        self.mix_buffers = mix_buffers
+        self.overlap = overlap
+        self.average_every = average_every
+        self.transfer_dtype = transfer_dtype
+        self.eval_mode = eval_mode
+        self.final_consensus = final_consensus
+        self.on_nonfinite = on_nonfinite
+        self.monitor = monitor
+        self.averager: Optional[GossipAverager] = None
+        self._resume_state: Optional[dict[str, Any]] = None
+        self._eval_stack: Optional[ExitStack] = None
+
+    # -- read-outs ------------------------------------------------------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        # Lightning adds distributed samplers and honours `sync_dist` only for strategies that say this.
+        return True
+
+    @property
+    def gossip_weight(self) -> float:
+        """This rank's gossip weight a_i (float64). Over all ranks (and messages in flight) they sum to 1."""
+        return self.averager.weight if self.averager is not None else 1.0 / max(1, self.world_size)
+
+    @property
+    def counters(self) -> GossipCounters:
+        """Messages and bytes this rank sent and received, rejected messages, gossip steps taken."""
+        return self.averager.counters if self.averager is not None else GossipCounters()
+
+    @property
+    def gossip_step(self) -> int:
+        """The schedule position: how many gossip steps this rank has taken."""
+        return self.averager.step_count if self.averager is not None else 0
+
+    # -- launching ------------------------------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        # The world size is known here, before any process is started: reject a topology that cannot work now.
+        validate_topology(self.topology, self.num_nodes * self.num_processes)
+        if self._start_method == "popen":
+            super()._configure_launcher()
+        else:
+            self._launcher = _GossipMultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.world_size == 1:
+            rank_zero_warn(
+                "GossipStrategy runs with a single process (world size 1): nothing is gossiped and training is "
+                "plain single-process training. Use devices>1 or num_nodes>1 to gossip."
+            )
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if fitting:
+            # No DistributedDataParallel wrapper: that is where DDP's gradient all-reduce lives.
+            self._setup_averager()
+            self.setup_optimizers(trainer)
+        elif self.averager is not None:
+            # Evaluating after this process already trained: each rank keeps the model gossip left it with, and
+            # eval_mode decides what is evaluated.
+            self.averager.refresh_tensors()
+        else:
+            # Nothing was trained here: make sure every rank evaluates the same model.
+            _sync_module_states(self.model)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        if self.monitor:
+            from lightning_gossip.callbacks import GossipMonitor
+
+            if not any(isinstance(cb, GossipMonitor) for cb in trainer.callbacks):
+                trainer.callbacks.append(GossipMonitor())
+
+    def _setup_averager(self) -> None:
+        assert self.lightning_module is not None
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        resume, self._resume_state = self._resume_state, None
+        self.averager = GossipAverager(
+            self.lightning_module,
+            p=self.p,
+            topology=self.topology,
+            seed=seed,
+            mix_buffers=self.mix_buffers,
+            overlap=self.overlap,
+            average_every=self.average_every,
+            transfer_dtype=self.transfer_dtype,
+            on_nonfinite=self.on_nonfinite,
+            # Resuming: every rank loaded its own weights from the checkpoint; broadcasting would erase them.
+            broadcast=resume is None,
+        )
+        if resume is not None:
+            self.averager.load_state_dict(resume)
+
+    # -- training -------------------------------------------------------------------------------------------------
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.averager is not None:
+            self.averager.step()
+        return output
+
+    @override
+    def on_train_end(self) -> None:
+        if self.averager is None or self.world_size == 1:
+            return
+        self._check_same_step_count()
+        if self.final_consensus:
+            self.averager.consensus_()
+        else:
+            self.averager.finish()
+
+    def _check_same_step_count(self) -> None:
+        assert self.averager is not None
+        steps = torch.tensor([self.averager.step_count], dtype=torch.int64, device=self.root_device)
+        everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
+        dist.all_gather(everyone, steps)
+        counts = [int(t.item()) for t in everyone]
+        if len(set(counts)) > 1:
+            raise GossipScheduleError(
+                f"Ranks took different numbers of optimizer steps: {counts}. Gossip pairs ranks by step number, so "
+                "every rank must take the same number of steps: equal-length data shards (Lightning's "
+                "DistributedSampler pads them; keep `use_distributed_sampler=True` or shard evenly yourself) and no "
+                "optimizer steps skipped on some ranks only."
+            )
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def _enter_consensus(self) -> None:
+        if self.eval_mode != "consensus" or self.averager is None or self.world_size == 1:
+            return
+        if self._eval_stack is None:
+            self._eval_stack = ExitStack()
+            self._eval_stack.enter_context(self.averager.consensus_swapped_in())
+
+    def _leave_consensus(self) -> None:
+        if self._eval_stack is not None:
+            stack, self._eval_stack = self._eval_stack, None
+            stack.close()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._enter_consensus()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._leave_consensus()
+
+    @override
+    def on_test_start(self) -> None:
+        self._enter_consensus()
+
+    @override
+    def on_test_end(self) -> None:
+        self._leave_consensus()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._enter_consensus()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._leave_consensus()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The consensus model, so a checkpoint loads with plain ``LightningModule.load_from_checkpoint``.
+
+        Runs on every rank when a checkpoint is saved, so the collective inside is matched.
+        """
+        assert self.lightning_module is not None
+        if self.averager is None or self.world_size == 1 or not dist.is_initialized():
+            return self.lightning_module.state_dict()
+        with self.averager.consensus_swapped_in():
+            return {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
+    ) -> None:
+        """Add every rank's own weights, gossip weight, optimizer state and schedule position, then write on rank 0.
+
+        Messages in flight are stored with their receiver, so no weight mass is lost and resuming is exact.
+        """
+        if self.averager is not None and self.world_size > 1 and dist.is_initialized():
+            assert self.lightning_module is not None
+            mine = {
+                "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
+                "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
+                "gossip": self.averager.state_dict(),
+            }
+            everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
+            dist.gather_object(mine, everyone, dst=0)
+            if self.is_global_zero:
+                checkpoint = {**checkpoint, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        gossip = checkpoint.get(CHECKPOINT_KEY)
+        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if gossip is None or not fitting:
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        if gossip["world_size"] != self.world_size:
+            rank_zero_warn(
+                f"This checkpoint was written by a gossip run with {gossip['world_size']} workers and is resumed "
+                f"with {self.world_size}: every rank starts from the checkpoint's consensus model with gossip "
+                "weight 1/M, the optimizer state of the old rank 0, and the gossip schedule restarted at step 0."
+            )
+            super().load_model_state_dict(checkpoint, strict=strict)
+            return
+        mine = gossip["ranks"][self.global_rank]
+        assert self.lightning_module is not None
+        self.lightning_module.load_state_dict(mine["model"], strict=strict)
+        self._resume_state = mine["gossip"]
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        gossip = checkpoint.get(CHECKPOINT_KEY)
+        if gossip is not None and gossip["world_size"] == self.world_size:
+            checkpoint = {**checkpoint, "optimizer_states": gossip["ranks"][self.global_rank]["optimizer_states"]}
+        super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def teardown(self) -> None:
+        self._leave_consensus()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (("gossip", "popen"), ("gossip_spawn", "spawn"), ("gossip_fork", "fork")):
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"GoSGD gossip strategy with `start_method` '{start_method}'",
+                start_method=start_method,
+            )
+
+
+class _GossipMultiProcessingLauncher(_MultiProcessingLauncher):
+    """The spawn launcher hands rank 0's module back to the parent; make that the consensus model."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Any:
+        strategy = self._strategy
+        averager = getattr(strategy, "averager", None)
+        if averager is None or strategy.world_size == 1 or trainer.state.fn != TrainerFn.FITTING:
+            return super()._collect_rank_zero_results(trainer, results)
+        # Every rank runs this, so the collective inside is matched.
+        with averager.consensus_swapped_in():
+            return super()._collect_rank_zero_results(trainer, results)
