@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import ExitStack
+import uuid
+from contextlib import ExitStack, suppress
 from datetime import timedelta
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -33,6 +37,8 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipScheduleError
 from lightning_gossip.gossip.averager import check_gossip_options
+from lightning_gossip.gossip.errors import collective_guard
+from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,14 @@ class GossipStrategy(DDPStrategy):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
-        timeout: process-group timeout; a lost peer turns into an error after this long instead of a hang.
+        timeout: process-group timeout; a peer that stops answering turns into a :class:`GossipPeerError` naming
+            it after this long instead of a hang (a peer that dies is usually reported at once).
+
+    Reliability: checkpoints hold every rank's own weights, gossip weight, in-flight messages and optimizer state, and
+    are written atomically (temporary file in the same directory, fsync, rename), so resuming with the same number of
+    workers is exact and a crash while saving leaves the previous checkpoint intact. Resuming with a different number
+    of workers starts every rank from the checkpoint's consensus model (see :meth:`load_model_state_dict`). A lost
+    peer raises :class:`GossipPeerError` naming it; the launching process then stops its local worker processes.
 
     Optimizer state (momentum, Adam moments) stays local to each rank; only the model is gossiped.
     """
@@ -98,6 +111,10 @@ class GossipStrategy(DDPStrategy):
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be None or an int, got {seed!r}.")
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise TypeError(
+                f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {timeout!r}."
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -121,6 +138,7 @@ class GossipStrategy(DDPStrategy):
         self.monitor = monitor
         self.averager: Optional[GossipAverager] = None
         self._resume_state: Optional[dict[str, Any]] = None
+        self._resume_step: Optional[int] = None  # resuming onto a different number of workers: the schedule position
         self._eval_stack: Optional[ExitStack] = None
 
     # -- read-outs ------------------------------------------------------------------------------------------------
@@ -149,10 +167,36 @@ class GossipStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         # The world size is known here, before any process is started: reject a topology that cannot work now.
         validate_topology(self.topology, self.num_nodes * self.num_processes)
+        assert self.cluster_environment is not None
         if self._start_method == "popen":
-            super()._configure_launcher()
+            self._launcher = _GossipSubprocessScriptLauncher(
+                self, self.cluster_environment, self.num_processes, self.num_nodes
+            )
         else:
             self._launcher = _GossipMultiProcessingLauncher(self, start_method=self._start_method)
+
+    def _check_before_launch(self, trainer: Optional["pl.Trainer"]) -> None:
+        """Checks that need the model but no process group, run before any worker process is started."""
+        module = trainer.lightning_module if trainer is not None else None
+        if module is None or trainer.state.fn != TrainerFn.FITTING or is_overridden("configure_model", module):
+            return  # a model built in `configure_model` only gets its tensors after the launch
+        if not gossiped_tensors(module, self.mix_buffers):
+            raise ValueError(f"{NO_FLOAT_TENSORS} (model: {type(module).__name__}).")
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed rank 0 stops the worker processes it launched, so none is left waiting for it.
+
+        Lightning already does the reverse (its process observer kills everything when a worker exits with an
+        error); without this, the workers of a failed launcher would wait for it until the process-group timeout.
+        """
+        super().on_exception(exception)
+        launcher = self._launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            launcher.kill(_get_sigkill_signal())
+            for proc in launcher.procs:
+                with suppress(Exception):
+                    proc.wait(timeout=10)
 
     @override
     def setup_environment(self) -> None:
@@ -211,6 +255,9 @@ class GossipStrategy(DDPStrategy):
         )
         if resume is not None:
             self.averager.load_state_dict(resume)
+        elif self._resume_step is not None:
+            self.averager.step_count = self._resume_step
+        self._resume_step = None
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -240,7 +287,8 @@ class GossipStrategy(DDPStrategy):
         assert self.averager is not None
         steps = torch.tensor([self.averager.step_count], dtype=torch.int64, device=self.root_device)
         everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
-        dist.all_gather(everyone, steps)
+        with collective_guard("the check that every rank took the same number of steps"):
+            dist.all_gather(everyone, steps)
         counts = [int(t.item()) for t in everyone]
         if len(set(counts)) > 1:
             raise GossipScheduleError(
@@ -310,34 +358,67 @@ class GossipStrategy(DDPStrategy):
         """
         if self.averager is not None and self.world_size > 1 and dist.is_initialized():
             assert self.lightning_module is not None
-            mine = {
-                "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
-                "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
-                "gossip": self.averager.state_dict(),
-            }
-            everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
-            dist.gather_object(mine, everyone, dst=0)
+            # Saved during evaluation (ModelCheckpoint(save_on_train_epoch_end=False), val_check_interval < 1, ...):
+            # the consensus is swapped in; store each rank's own weights, not the consensus.
+            swapped = self._eval_stack is not None
+            self._leave_consensus()
+            try:
+                mine = {
+                    "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
+                    "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
+                    "gossip": self.averager.state_dict(),
+                }
+                everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
+                with collective_guard("the gather of every rank's state for a checkpoint"):
+                    dist.gather_object(mine, everyone, dst=0)
+            finally:
+                if swapped:
+                    self._enter_consensus()
             if self.is_global_zero:
                 checkpoint = {**checkpoint, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if not self.is_global_zero:
+            return
+        plain_io = type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None
+        if plain_io and _is_local_file_protocol(filepath):
+            _atomic_local_save(checkpoint, os.fspath(filepath))
+        else:
+            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Resume each rank's own model and gossip state; onto a different number of workers, the consensus model.
+
+        Same number of workers M: rank i gets back its own weights, gossip weight, messages that were in flight,
+        schedule position, counters and (in :meth:`load_optimizer_state_dict`) optimizer state, so training goes on
+        exactly as if it had not stopped.
+
+        A different number of workers M': per-rank states cannot be mapped onto other ranks, so every rank starts from
+        the checkpoint's consensus model (the exact weighted average of the M workers, in-flight messages included),
+        with gossip weight 1/M', the optimizer state of the old rank 0, gossip counters at zero, and the gossip
+        schedule going on from the checkpoint's step (a different schedule, since it depends on M'). A warning says so.
+        """
+        assert self.lightning_module is not None
         gossip = checkpoint.get(CHECKPOINT_KEY)
-        fitting = self.lightning_module is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if gossip is None or not fitting:
+            _check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
             return
         if gossip["world_size"] != self.world_size:
+            step = int(gossip["ranks"][0]["gossip"]["step"])
             rank_zero_warn(
-                f"This checkpoint was written by a gossip run with {gossip['world_size']} workers and is resumed "
-                f"with {self.world_size}: every rank starts from the checkpoint's consensus model with gossip "
-                "weight 1/M, the optimizer state of the old rank 0, and the gossip schedule restarted at step 0."
+                f"Resuming a gossip checkpoint written by {gossip['world_size']} workers with {self.world_size} "
+                f"workers: per-rank states cannot be mapped onto a different number of workers, so every rank starts "
+                f"from the checkpoint's consensus model (the exact weighted average of the {gossip['world_size']} "
+                f"workers, in-flight messages included) with gossip weight 1/{self.world_size}, the optimizer state of "
+                f"the old rank 0 and gossip counters at zero; the gossip schedule goes on from step {step}."
             )
+            _check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
+            self._resume_step = step
             return
         mine = gossip["ranks"][self.global_rank]
-        assert self.lightning_module is not None
+        _check_checkpoint_fits(self.lightning_module, mine["model"], strict)
         self.lightning_module.load_state_dict(mine["model"], strict=strict)
         self._resume_state = mine["gossip"]
 
@@ -347,6 +428,11 @@ class GossipStrategy(DDPStrategy):
         if gossip is not None and gossip["world_size"] == self.world_size:
             checkpoint = {**checkpoint, "optimizer_states": gossip["ranks"][self.global_rank]["optimizer_states"]}
         super().load_optimizer_state_dict(checkpoint)
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        with collective_guard(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
+            super().barrier(name)
 
     @override
     def teardown(self) -> None:
@@ -365,8 +451,80 @@ class GossipStrategy(DDPStrategy):
             )
 
 
+def _check_checkpoint_fits(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    """A clear error, naming the first mismatching key and shapes, for a checkpoint written for another model."""
+    own = module.state_dict()
+    mismatched = [
+        f"{key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
+        for key, value in state_dict.items()
+        if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape
+    ]
+    missing = [key for key in own if key not in state_dict] if strict else []
+    unexpected = [key for key in state_dict if key not in own] if strict else []
+    if not (mismatched or missing or unexpected):
+        return
+    problems = mismatched[:3]
+    if len(mismatched) > 3:
+        problems.append(f"{len(mismatched) - 3} more shape mismatches")
+    if missing:
+        problems.append(f"missing from the checkpoint: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"not in the model: {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+    raise RuntimeError(
+        f"This checkpoint does not fit the model {type(module).__name__}; was it written for another model? "
+        + "; ".join(problems)
+        + "."
+    )
+
+
+def _atomic_local_save(checkpoint: dict[str, Any], path: str) -> None:
+    """Write a checkpoint so that a crash at any moment leaves either the old file or the new one, never a torn one.
+
+    Lightning's ``TorchCheckpointIO`` writes to a file in the system temporary directory and moves it into place: a
+    rename only when both are on one filesystem (a copy into the target otherwise, e.g. with /tmp on tmpfs), and
+    without fsync. Here: a temporary file next to the target, fsync, ``os.replace``, fsync of the directory.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with suppress(OSError):  # make the rename itself durable; not possible on every platform/filesystem
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher, with the gossip checks that need the model run before any process starts."""
+
+    def __init__(self, strategy: GossipStrategy, *args: Any) -> None:
+        super().__init__(*args)
+        self._strategy = strategy
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        self._strategy._check_before_launch(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
 class _GossipMultiProcessingLauncher(_MultiProcessingLauncher):
     """The spawn launcher hands rank 0's module back to the parent; make that the consensus model."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        self._strategy._check_before_launch(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override
     def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Any:

@@ -1,6 +1,7 @@
 """The GoSGD algorithm in plain torch / torch.distributed; nothing here imports Lightning or Hydra."""
 
 from lightning_gossip.gossip.averager import GossipAverager
+from lightning_gossip.gossip.errors import GossipPeerError
 from lightning_gossip.gossip.exchange import GossipCounters, GossipExchange, GossipScheduleError, NonFiniteGossipError
 from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
@@ -12,6 +13,7 @@ __all__ = [
     "GossipAverager",
     "GossipCounters",
     "GossipExchange",
+    "GossipPeerError",
     "GossipSchedule",
     "GossipScheduleError",
     "GossipState",

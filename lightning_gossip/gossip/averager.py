@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.exchange import GossipCounters, GossipExchange, PendingExchange
 from lightning_gossip.gossip.schedule import GossipSchedule, check_probability
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
@@ -62,7 +63,8 @@ def check_same_model_on_all_ranks(module: nn.Module, include_buffers: bool) -> N
     named = list(module.named_parameters()) + (list(module.named_buffers()) if include_buffers else [])
     signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in named if t.is_floating_point()]
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, signature)
+    with collective_guard("the check that every rank has the same model"):
+        dist.all_gather_object(everyone, signature)
     reference = everyone[0]
     for rank, other in enumerate(everyone):
         if other == reference:
@@ -176,7 +178,8 @@ class GossipAverager:
     def broadcast_from_rank_zero(self) -> None:
         """GoSGD's start: every x_i equals rank 0's, a_i = 1/M."""
         flat = self.state.flatten()
-        dist.broadcast(flat, src=0)
+        with collective_guard("the broadcast of rank 0's initial weights"):
+            dist.broadcast(flat, src=0)
         self.state.load_flat(flat)
         self.state.weight = 1.0 / self.world_size
 

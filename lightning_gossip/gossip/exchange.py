@@ -17,6 +17,7 @@ from typing import Optional
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gossip.gossip.errors import peer_lost_error
 from lightning_gossip.gossip.schedule import StepPlan
 from lightning_gossip.gossip.state import GossipState
 
@@ -51,6 +52,8 @@ class PendingExchange:
     step: int
     requests: list
     received: list[tuple[int, Tensor]] = field(default_factory=list)
+    # The peer rank of each posted operation, in the order of ``requests`` (to name a lost peer).
+    peers: list[int] = field(default_factory=list)
 
 
 class GossipExchange:
@@ -76,6 +79,7 @@ class GossipExchange:
     def post(self, plan: StepPlan) -> PendingExchange:
         """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
         ops = []
+        peers = []
         target = plan.target_of(self.rank)
         if target is not None:
             # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
@@ -84,6 +88,7 @@ class GossipExchange:
                 self._send_buffer = self.state.new_message()
             self.state.pack(self._send_buffer, plan.step, self.rank)
             ops.append(dist.P2POp(dist.isend, self._send_buffer, target))
+            peers.append(target)
             self.counters.messages_sent += 1
             self.counters.bytes_sent += self.state.message_bytes
         sources = plan.sources_of(self.rank)
@@ -91,15 +96,25 @@ class GossipExchange:
             self._recv_buffers.append(self.state.new_message())
         received = list(zip(sources, self._recv_buffers))
         ops += [dist.P2POp(dist.irecv, buffer, src) for src, buffer in received]
-        requests = dist.batch_isend_irecv(ops) if ops else []
+        peers += sources
+        try:
+            requests = dist.batch_isend_irecv(ops) if ops else []
+        except RuntimeError as error:  # a peer that is already gone can fail the post itself
+            raise peer_lost_error(self.rank, peers, f"the gossip exchange of step {plan.step}", error) from error
         self.counters.steps += 1
-        return PendingExchange(plan.step, requests, received)
+        return PendingExchange(plan.step, requests, received, peers)
 
     def wait(self, pending: PendingExchange) -> None:
         """Wait for the step's transfers without mixing; the received messages stay in ``pending``."""
         requests, pending.requests = pending.requests, []
-        for request in requests:
-            request.wait()
+        # gloo returns one request per operation, so a failure names its peer; NCCL coalesces them into one.
+        one_per_op = len(requests) == len(pending.peers)
+        for index, request in enumerate(requests):
+            try:
+                request.wait()
+            except RuntimeError as error:  # gloo: connection reset/closed by a dead peer, or the timeout passed
+                lost = [pending.peers[index]] if one_per_op else pending.peers
+                raise peer_lost_error(self.rank, lost, f"the gossip exchange of step {pending.step}", error) from error
 
     def in_flight_weight(self, pending: PendingExchange) -> float:
         """The gossip weight carried by the (waited-for) messages of ``pending`` that are not mixed in yet."""

@@ -13,11 +13,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gossip.gossip.errors import collective_guard
+
 # Message header, float64 slots: gossip weight, gossip step, sender rank, reserved. 32 bytes keeps the payload aligned
 # for every dtype it can have.
 HEADER_SLOTS = 4
 HEADER_BYTES = HEADER_SLOTS * 8
 _WEIGHT, _STEP, _SENDER = 0, 1, 2
+
+
+NO_FLOAT_TENSORS = (
+    "Gossip needs at least one floating-point parameter (or buffer, with mix_buffers=True) to exchange, but the "
+    "model has none (integer or empty models cannot be averaged)"
+)
 
 
 def gossiped_tensors(module: nn.Module, include_buffers: bool = True) -> list[Tensor]:
@@ -36,10 +44,7 @@ class GossipState:
 
     def __init__(self, tensors: list[Tensor], weight: float, transfer_dtype: Optional[torch.dtype] = None) -> None:
         if not tensors:
-            raise ValueError(
-                "Gossip needs at least one floating-point parameter to exchange, but the model has none "
-                "(integer or empty models cannot be averaged)."
-            )
+            raise ValueError(f"{NO_FLOAT_TENSORS}.")
         self.tensors = tensors
         self.weight = float(weight)
         self.device = tensors[0].device
@@ -134,13 +139,15 @@ class GossipState:
             flat.add_(self.payload(message).to(torch.float64), alpha=sender_weight)
             total += sender_weight
         weight = torch.tensor([total], dtype=torch.float64, device=self.device)
-        dist.all_reduce(flat, group=group)
-        dist.all_reduce(weight, group=group)
+        with collective_guard("the all-reduce of the gossip consensus", group):
+            dist.all_reduce(flat, group=group)
+            dist.all_reduce(weight, group=group)
         total = float(weight.item())
         return flat.div_(total), total
 
     def consensus_distance(self, mean: Tensor, group: Optional[dist.ProcessGroup] = None) -> float:
         """(1/M) sum_i ||x_i - x_bar||^2 over all ranks, given x_bar from :meth:`weighted_mean`."""
         local = (self.flatten(torch.float64) - mean).pow_(2).sum().reshape(1)
-        dist.all_reduce(local, group=group)
+        with collective_guard("the all-reduce of the consensus distance", group):
+            dist.all_reduce(local, group=group)
         return float(local.item()) / dist.get_world_size(group)

@@ -1,0 +1,116 @@
+"""Turning a lost peer into a clear error instead of a hang or an anonymous backend message.
+
+When a rank dies (SIGKILL, out of memory, a crash on another machine), gloo reports it to the ranks that talk to it
+as ``RuntimeError: ... Connection reset by peer`` / ``Connection closed by peer``, and a rank that hangs as
+``Timed out waiting ...ms`` once the process-group timeout has passed (NCCL raises ``DistBackendError``, also a
+``RuntimeError``). Neither names the rank that was lost. Gossip knows whom each exchange involves, so it re-raises
+these as :class:`GossipPeerError` naming the peer rank(s); for collectives over all ranks it names the lost rank when
+there is only one other rank and otherwise says which operation failed.
+
+A lost rank cascades: its peers stop, and then their peers see *them* vanish. So the first rank to see a lost peer
+records that in the process group's key-value store (best effort, two seconds at most), and every later error quotes
+it: each rank's error then names the rank that was lost first, not only the neighbour that stopped after it.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Iterator, Optional, Sequence
+
+import torch.distributed as dist
+
+
+class GossipPeerError(RuntimeError):
+    """A gossip exchange or collective failed: a peer rank died, hung past the timeout or lost its connection.
+
+    ``rank`` is the rank that raised; ``peers`` the rank(s) it was waiting for (empty when unknown).
+    """
+
+    def __init__(self, message: str, rank: int, peers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.peers = list(peers)
+
+
+def _detail(error: BaseException) -> str:
+    """The backend's message, first line, without gloo's source location and boilerplate."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    text = text.split(" This is typically caused by")[0].rstrip(". ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _ranks(peers: Sequence[int]) -> str:
+    peers = sorted(set(peers))
+    return f"rank {peers[0]}" if len(peers) == 1 else "ranks " + ", ".join(str(p) for p in peers)
+
+
+_FIRST_LOSS_KEY = "lightning_gossip/first_lost_peer"
+_STORE_TIMEOUT = timedelta(seconds=2)
+
+
+def _first_loss(report: Optional[str]) -> Optional[str]:
+    """Record ``report`` as this run's first lost peer unless one is recorded already; return the recorded one.
+
+    Best effort: the store lives in one rank's process, which may be the one that died (then this gives up fast).
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(_STORE_TIMEOUT)  # this run is failing; never wait the process-group timeout here
+        if report is None:
+            if not store.check([_FIRST_LOSS_KEY]):
+                return None
+            return store.get(_FIRST_LOSS_KEY).decode()
+        return store.compare_set(_FIRST_LOSS_KEY, "", report).decode()
+    except Exception:  # noqa: BLE001 - the store is only a courtesy; the error raised is what matters
+        return None
+
+
+def _with_first_loss(text: str, mine: Optional[str]) -> str:
+    first = _first_loss(mine)
+    if first and first != mine:
+        text += f" The first loss reported in this run: {first}."
+    return text
+
+
+_ADVICE = "This run cannot continue: restart it from the last checkpoint (Trainer.fit(ckpt_path=...))."
+
+
+def peer_lost_error(rank: int, peers: Sequence[int], what: str, error: BaseException) -> GossipPeerError:
+    """The error for a failed operation ``what`` of ``rank`` that waited for ``peers`` (and record it as lost)."""
+    who = _ranks(peers)
+    text = (
+        f"Rank {rank} lost gossip peer {who} during {what}: {_detail(error)}. The peer process most likely died "
+        f"(killed, out of memory, crashed) or did not answer within the process-group timeout; see the log of {who}."
+    )
+    text = _with_first_loss(text, f"rank {rank} lost gossip peer {who} during {what}")
+    return GossipPeerError(f"{text} {_ADVICE}", rank, peers)
+
+
+@contextmanager
+def collective_guard(what: str, group: Optional[dist.ProcessGroup] = None) -> Iterator[None]:
+    """Re-raise a failure of a collective over all ranks as a :class:`GossipPeerError`.
+
+    A collective cannot tell which rank is gone; with two ranks it can only be the other one, otherwise the error
+    lists the ranks that took part.
+    """
+    try:
+        yield
+    except GossipPeerError:
+        raise
+    except RuntimeError as error:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        others = [r for r in range(world_size) if r != rank]
+        if len(others) == 1:
+            raise peer_lost_error(rank, others, what, error) from error
+        text = (
+            f"Rank {rank}: {what} over all {world_size} ranks failed: {_detail(error)}. One of ranks "
+            f"{', '.join(str(r) for r in others)} most likely died (killed, out of memory, crashed) or did not answer "
+            "within the process-group timeout."
+        )
+        raise GossipPeerError(f"{_with_first_loss(text, None)} {_ADVICE}", rank, ()) from error
