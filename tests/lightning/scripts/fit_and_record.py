@@ -41,6 +41,7 @@ class Recorder(L.LightningModule):
         self.seen: list[int] = []
         self.weights_per_step: list[float] = []
         self.params_per_step: list[torch.Tensor] = []
+        self.params_at_validation: list[torch.Tensor] = []
 
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
@@ -55,6 +56,8 @@ class Recorder(L.LightningModule):
         self.params_per_step.append(torch.nn.utils.parameters_to_vector(self.parameters()).detach().clone())
 
     def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.params_at_validation.append(torch.nn.utils.parameters_to_vector(self.parameters()).detach().clone())
         x, y, _ = batch
         acc = (self.net(x).argmax(1) == y).float().mean()
         self.log("val/acc", acc, sync_dist=True)
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--overlap", action="store_true")
     parser.add_argument("--no-final-consensus", action="store_true")
+    parser.add_argument("--eval-mode", default="consensus")
+    parser.add_argument("--checkpoint", action="store_true", help="save a checkpoint at the end of every epoch")
     parser.add_argument("--strategy-name", default=None, help="use the registry string instead of the class")
     parser.add_argument("--torchrun", action="store_true", help="launched by torchrun: devices per node from env")
     args = parser.parse_args()
@@ -87,6 +92,7 @@ def main() -> None:
             topology=args.topology,
             overlap=args.overlap,
             final_consensus=not args.no_final_consensus,
+            eval_mode=args.eval_mode,
         )
     devices = int(os.environ["LOCAL_WORLD_SIZE"]) if args.torchrun else args.devices
     trainer = L.Trainer(
@@ -95,7 +101,8 @@ def main() -> None:
         strategy=strategy,
         max_epochs=args.epochs,
         logger=L.pytorch.loggers.CSVLogger(args.out, name="logs"),
-        enable_checkpointing=False,
+        enable_checkpointing=args.checkpoint,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=args.out, save_last=True)] if args.checkpoint else None,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -111,7 +118,9 @@ def main() -> None:
         "seen": model.seen,
         "weights_per_step": model.weights_per_step,
         "params_per_step": torch.stack(model.params_per_step),
+        "params_at_validation": torch.stack(model.params_at_validation),
         "final_params": torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone(),
+        "local_params_before_end": model.params_per_step[-1],
         "gossip_weight": s.gossip_weight,
         "counters": s.counters.as_dict(),
         "message_bytes": s.averager.state.message_bytes if s.averager is not None else 0,
