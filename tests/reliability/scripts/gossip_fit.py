@@ -1,0 +1,221 @@
+"""A small Lightning gossip run for the reliability tests: resume, killed workers, checkpoints killed mid-write.
+
+Run as ``python gossip_fit.py OUT --devices N --plan JSON [options]``; Lightning's popen launcher re-runs this script
+(with the same argv) once per extra rank. ``--plan`` is a JSON list of fits run one after another in the same
+processes, each ``{"name": ..., "epochs": E, "ckpt_dir": DIR, "resume": PATH, "overlap": bool, "p": P,
+"save_on_train_epoch_end": bool, "save_last": bool, "hidden": H}`` (all but
+name and epochs optional). For every fit each
+rank writes ``OUT/{name}_rank{r}.pt`` with what it held at the start and at the end of the fit: every tensor of the
+model, the gossip weight, the schedule position, the message in flight, counters, optimizer state and the warnings.
+
+Faults (for the tests of dead workers):
+  --kill-rank R --kill-step S   rank R sends itself SIGKILL right after optimizer step S (global step S+1 done).
+  --kill-in-save N              rank 0 sends itself SIGKILL just after it opens its N-th file for writing inside a
+                                checkpoint directory (a crash in the middle of writing a checkpoint).
+"""
+
+import argparse
+import builtins
+import copy
+import json
+import os
+import signal
+import time
+import warnings
+from datetime import timedelta
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_gossip
+
+
+class Blobs(Dataset):
+    def __init__(self, n: int, dim: int = 8, classes: int = 3) -> None:
+        g = torch.Generator().manual_seed(1234)
+        centers = torch.randn(classes, dim, generator=g) * 3
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x = centers[self.y] + torch.randn(n, dim, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class Net(L.LightningModule):
+    def __init__(self, lr: float = 0.1, hidden: int = 16) -> None:
+        super().__init__()
+        self.lr = lr
+        # BatchNorm: floating-point buffers that are gossiped, and an integer buffer that stays per rank.
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        self.start: dict = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self.net(x).argmax(1) == y).float().mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        # Momentum: per-rank optimizer state that an exact resume must restore rank by rank.
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def on_train_start(self) -> None:
+        self.start = snapshot(self.trainer)
+
+
+def die(out: str, what: str) -> None:
+    """SIGKILL this process, after noting when (OUT/fault.txt) for the tests' timing."""
+    with open(os.path.join(out, "fault.txt"), "w") as f:
+        f.write(f"{time.time()}\n{what}\n")
+    print(f"FAULT: {what}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAtStep(L.Callback):
+    def __init__(self, out: str, rank: int, step: int) -> None:
+        self.out, self.rank, self.step = out, rank, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step + 1:
+            die(self.out, f"rank {self.rank} killed after optimizer step {self.step}")
+
+
+def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
+    """Crash (SIGKILL) right after the nth write-mode open of a file inside one of ``directories``."""
+    real_open = builtins.open
+    count = [0]
+    roots = [os.path.abspath(d) + os.sep for d in directories]
+
+    def open_(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wxa"):
+            path = os.path.abspath(os.fspath(file))
+            if any(path.startswith(root) for root in roots):
+                count[0] += 1
+                if count[0] == nth:
+                    handle.write(b"partial")
+                    handle.flush()
+                    die(out, f"rank 0 killed while writing {path}")
+        return handle
+
+    builtins.open = open_
+
+
+def snapshot(trainer) -> dict:
+    s = trainer.strategy
+    module = trainer.lightning_module
+    averager = getattr(s, "averager", None)
+    pending = getattr(averager, "_pending", None)
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "gossip_weight": s.gossip_weight,
+        "gossip_step": s.gossip_step,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "counters": s.counters.as_dict(),
+        "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()) if trainer.optimizers else None,
+        "in_flight": None
+        if pending is None
+        else {
+            "step": pending.step,
+            "sources": [src for src, _ in pending.received],
+            "weights": [float(m[:32].view(torch.float64)[0]) for _, m in pending.received],
+            "messages": [m.clone() for _, m in pending.received],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--topology", default="random")
+    parser.add_argument("--overlap", action="store_true")
+    parser.add_argument("--final-consensus", action="store_true")
+    parser.add_argument("--n", type=int, default=96, help="training samples (split over the ranks)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--timeout-s", type=float, default=60.0)
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--kill-step", type=int, default=None)
+    parser.add_argument("--kill-in-save", type=int, default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    plan = json.loads(args.plan)
+    if args.kill_in_save and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        kill_in_save(args.out, args.kill_in_save, [run["ckpt_dir"] for run in plan if run.get("ckpt_dir")])
+
+    for run in plan:
+        L.seed_everything(7, verbose=False)
+        strategy = lightning_gossip.GossipStrategy(
+            p=run.get("p", args.p),
+            topology=args.topology,
+            overlap=run.get("overlap", args.overlap),
+            final_consensus=args.final_consensus,
+            timeout=timedelta(seconds=args.timeout_s),
+        )
+        callbacks: list = []
+        if run.get("ckpt_dir"):
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=run["ckpt_dir"],
+                    filename="epoch{epoch}",
+                    auto_insert_metric_name=False,
+                    save_top_k=-1,
+                    save_last=run.get("save_last", False),
+                    enable_version_counter=False,
+                    # False: save in on_validation_end, while eval_mode="consensus" has the consensus swapped in.
+                    save_on_train_epoch_end=run.get("save_on_train_epoch_end"),
+                )
+            )
+        if args.kill_rank is not None:
+            callbacks.append(KillAtStep(args.out, args.kill_rank, args.kill_step))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=args.devices,
+            strategy=strategy,
+            max_epochs=run["epochs"],
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=bool(run.get("ckpt_dir")),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic=True,
+        )
+        model = Net(hidden=run.get("hidden", 16))
+        data = Blobs(args.n)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(
+                model,
+                DataLoader(data, batch_size=args.batch, shuffle=True),
+                DataLoader(data, batch_size=48),
+                ckpt_path=run.get("resume"),
+            )
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "start": model.start,
+            "end": snapshot(trainer),
+            "optimizer": trainer.optimizers[0].state_dict(),
+            "warnings": [str(w.message) for w in caught],
+        }
+        torch.save(record, os.path.join(args.out, f"{run['name']}_rank{trainer.global_rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()
