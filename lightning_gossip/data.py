@@ -50,7 +50,7 @@ def label_skew_partition(
     """Assign every sample to one worker so that the workers' label distributions differ.
 
     With ``classes_per_worker=k`` each worker gets samples of k classes only (class c is split evenly among the
-    workers that hold it); otherwise each class is split over the workers in Dirichlet(alpha) proportions (small
+    workers that hold it; ``k * world_size`` must cover every class); otherwise each class is split over the workers in Dirichlet(alpha) proportions (small
     alpha: strong skew; large alpha: close to IID). Every worker gets at least one sample. The result depends only
     on (labels, world_size, seed, alpha, classes_per_worker), so every rank computes the same partition.
     """
@@ -62,7 +62,13 @@ def label_skew_partition(
         k = int(classes_per_worker)
         if not 1 <= k <= len(classes):
             raise ValueError(f"classes_per_worker must be in [1, {len(classes)}], got {classes_per_worker!r}.")
-        # Worker w holds classes (w*k + j) mod C, so every class is held by someone when world_size*k >= C.
+        if world_size * k < len(classes):
+            raise ValueError(
+                f"classes_per_worker={k} with {world_size} workers covers only {world_size * k} of {len(classes)} "
+                f"classes; use classes_per_worker >= {-(-len(classes) // world_size)} (or the Dirichlet alpha)."
+            )
+        # Worker w holds classes (w*k + j) mod C, so every class is held by someone; a class held by several
+        # workers is split evenly among them.
         holders: dict[int, list[int]] = {int(c): [] for c in classes}
         for w in range(world_size):
             for j in range(k):
@@ -70,8 +76,6 @@ def label_skew_partition(
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
             owners = holders[int(c)]
-            if not owners:  # fewer workers*k than classes: spread unheld classes round-robin so no data is lost
-                owners = [int(c) % world_size]
             for chunk, w in zip(np.array_split(idx, len(owners)), owners):
                 parts[w].extend(chunk.tolist())
     else:
@@ -265,16 +269,21 @@ class ShardedDataModule(pl.LightningDataModule):
         return np.bincount(labels[self.parts[rank]], minlength=int(labels.max()) + 1)
 
 
+def _train_test_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> list[np.ndarray]:
+    """Stratified when the classes allow it (small folders may not), else plain random."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError:
+        return train_test_split(x, y, test_size=fraction, random_state=seed)
+
+
 def _split_arrays(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int
                   ) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     """A stratified train/val/test split (fixed by ``seed``) into float32 / int64 TensorDatasets."""
-    from sklearn.model_selection import train_test_split
-
-    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    val_of_rest = val_fraction / (1.0 - test_fraction)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_of_rest, random_state=seed, stratify=y_rest
-    )
+    x_rest, x_test, y_rest, y_test = _train_test_split(x, y, test_fraction, seed)
+    x_train, x_val, y_train, y_val = _train_test_split(x_rest, y_rest, val_fraction / (1.0 - test_fraction), seed)
 
     def ds(a: np.ndarray, b: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.int64))
@@ -480,17 +489,13 @@ class ImageFolderDataModule(ShardedDataModule):
         if self.num_classes is None:
             self.num_classes = int(max(y.max(), test[1].max() if test else 0)) + 1
 
-        from sklearn.model_selection import train_test_split
-
-        strat = y if np.bincount(y).min() >= 2 else None
+        val_fraction = self.val_fraction
         if test is None:
-            x, xt, y, yt = train_test_split(x, y, test_size=self.test_fraction, random_state=self.split_seed,
-                                            stratify=strat)
+            x, xt, y, yt = _train_test_split(x, y, self.test_fraction, self.split_seed)
             test = (xt, yt)
-            strat = y if np.bincount(y).min() >= 2 else None
+            val_fraction = self.val_fraction / (1.0 - self.test_fraction)  # a fraction of the whole folder
         if val is None:
-            x, xv, y, yv = train_test_split(x, y, test_size=self.val_fraction, random_state=self.split_seed,
-                                            stratify=strat)
+            x, xv, y, yv = _train_test_split(x, y, val_fraction, self.split_seed)
             val = (xv, yv)
         xf = x.astype(np.float32) / 255.0
         mean = xf.mean(axis=(0, 2, 3), keepdims=True)

@@ -197,13 +197,13 @@ def _hydra_info() -> dict[str, Any]:
 
 
 def _strategy_stats(strategy: Any) -> dict[str, Any]:
-    stats: dict[str, Any] = {"strategy": type(strategy).__name__}
-    counters = getattr(strategy, "counters", None)
-    if counters is not None:
-        stats["gossip_counters"] = counters.as_dict() if hasattr(counters, "as_dict") else dict(vars(counters))
-    weight = getattr(strategy, "gossip_weight", None)
-    if weight is not None:
-        stats["gossip_weight"] = float(weight)
+    from lightning_gossip.strategy import GossipStrategy
+
+    stats: dict[str, Any] = {"strategy": type(strategy).__name__, "gossip": isinstance(strategy, GossipStrategy)}
+    # With the spawn launcher this process did not train (the averager lived in the spawned ranks): no counters.
+    if stats["gossip"] and getattr(strategy, "averager", None) is not None:
+        stats["gossip_counters"] = strategy.counters.as_dict()
+        stats["gossip_weight"] = float(strategy.gossip_weight)
     return stats
 
 
@@ -296,8 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _print_summary(result: dict[str, Any], cfg: DictConfig) -> None:
     metrics = result["metrics"]
-    gossip = "gossip_counters" in result
-    which = "consensus model" if gossip else "model"
+    which = "consensus model" if result.get("gossip") else "model"
     lines = ["", "=" * 80]
     if "test/acc" in metrics:
         lines.append(f"Test accuracy of the {which} ({result['strategy']}, {result['num_devices']} worker(s)): "
@@ -305,7 +304,7 @@ def _print_summary(result: dict[str, Any], cfg: DictConfig) -> None:
     if "val/acc" in metrics:
         lines.append(f"Final val/acc {metrics['val/acc']:.4f}; best val/acc {metrics.get('val/acc_best', float('nan')):.4f}")
     lines.append(f"Epochs {result['epochs']}, steps {result['global_step']} per worker, {result['runtime_s']:.1f} s")
-    if gossip:
+    if "gossip_counters" in result:
         c = result["gossip_counters"]
         lines.append(f"Gossip (rank 0): {c.get('messages_sent')} messages, {c.get('bytes_sent')} bytes sent")
     lines.append(f"Output folder: {result['output_dir']}")
