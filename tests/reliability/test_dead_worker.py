@@ -1,0 +1,119 @@
+"""A worker that dies or hangs: the others stop in time with an error naming it, nothing is left running, and the last
+checkpoint on disk is intact and resumes exactly.
+
+Faults injected, for real, with processes: SIGKILL and SIGSTOP of a rank in a hand-written GossipAverager loop;
+SIGKILL of a Lightning worker mid-training; SIGKILL of Lightning's rank 0 in the middle of overwriting ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.dist_utils import free_port
+from tests.reliability.conftest import FAULT_TIMEOUT_S, STEPS_PER_EPOCH, STEPS_PER_EPOCH_3
+from tests.reliability.test_resume import assert_same_rank_state, load
+from tests.reliability.workers import fault_worker
+
+# Start-up and shutdown of a Lightning process tree on 2 busy cores, on top of the configured timeout.
+SLACK_S = 30
+
+
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_averager_names_a_dead_or_hung_peer(mode: str) -> None:
+    """3 ranks of plain GossipAverager; rank 1 is SIGKILLed (dies) or SIGSTOPped (hangs) at step 30."""
+    timeout_s = 3.0
+    ctx = mp.get_context("fork")  # the test process has torch imported already; spawn would re-import it 3 times
+    queue = ctx.SimpleQueue()
+    world_size, fault_rank = 3, 1
+    port = free_port()
+    procs = [
+        ctx.Process(target=fault_worker, args=(r, world_size, port, mode, fault_rank, 30, timeout_s, queue))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    reports: dict[int, tuple] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while len(reports) < world_size and time.monotonic() < deadline:
+            if not queue.empty():
+                rank, *rest = queue.get()
+                reports[rank] = tuple(rest)
+            else:
+                time.sleep(0.05)
+        survivors = [r for r in range(world_size) if r != fault_rank]
+        for r in survivors:
+            procs[r].join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    assert sorted(reports) == [0, 1, 2], reports
+    assert reports[fault_rank][0] == "fault"
+    fault_time = reports[fault_rank][1]
+    for r in survivors:
+        kind, when, text, peers = reports[r]
+        assert kind == "GossipPeerError", text
+        # Each survivor names rank 1: directly, or as the first loss of the run (a survivor that only exchanges with
+        # the other survivor sees that one stop).
+        assert peers == [fault_rank] or f"lost gossip peer rank {fault_rank}" in text, text
+        assert "The peer process most likely died" in text and "restart it from the last checkpoint" in text
+        if mode == "kill":
+            assert when - fault_time < timeout_s, (when - fault_time, text)  # a dead peer is seen at once
+        else:
+            assert when - fault_time < 2 * timeout_s + 5, (when - fault_time, text)  # a hung one after the timeout
+        assert procs[r].exitcode == 0  # the survivor got the error and ended on its own
+    if mode == "hang":
+        assert any("Timed out" in reports[r][2] for r in survivors)
+
+
+def _fault_time(out: Path) -> float:
+    return float((out / "fault.txt").read_text().split()[0])
+
+
+def test_lightning_worker_killed_mid_training(dead_worker_run) -> None:
+    """3 Lightning workers, GossipStrategy(timeout=20 s); rank 2 is SIGKILLed in epoch 2."""
+    out, run = dead_worker_run
+    assert "FAULT: rank 2 killed" in run.output
+    assert run.returncode != 0, run.output[-4000:]
+    assert "GossipPeerError" in run.output and "lost gossip peer rank 2" in run.output, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
+    assert run.ended_at - _fault_time(out) < FAULT_TIMEOUT_S + SLACK_S
+    assert not list(out.glob("dead_rank*.pt"))  # nobody finished training
+    # The checkpoint written before the fault is intact (it is resumed onto 2 workers in test_resume).
+    checkpoint = torch.load(out / "ck" / "epoch0.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == STEPS_PER_EPOCH_3 and len(checkpoint["gossip"]["ranks"]) == 3
+
+
+def test_rank0_killed_while_overwriting_last_checkpoint(killed_in_save_run) -> None:
+    """Rank 0 dies after opening the file for the new last.ckpt: the old last.ckpt must still be there, whole."""
+    out, run = killed_in_save_run
+    assert "FAULT: rank 0 killed while writing" in run.output
+    assert run.returncode == -9  # the launcher itself was killed
+    # The other rank was waiting for rank 0 in Lightning's barrier after the save: it names rank 0 and stops.
+    assert "Rank 1 lost gossip peer rank 0" in run.output, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
+    assert run.ended_at - _fault_time(out) < FAULT_TIMEOUT_S + SLACK_S
+    checkpoint = torch.load(out / "ck" / "last.ckpt", weights_only=False)  # loads: not torn
+    assert checkpoint["global_step"] == STEPS_PER_EPOCH and checkpoint["epoch"] == 0
+    assert len(checkpoint["gossip"]["ranks"]) == 2
+    assert sorted(p.name for p in (out / "ck").glob("*.ckpt")) == ["epoch0.ckpt", "epoch1.ckpt", "last.ckpt"]
+    # What the crash left is a hidden temporary file next to it, never a partial last.ckpt.
+    leftovers = [p.name for p in (out / "ck").iterdir() if p.name.startswith(".last.ckpt.")]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp"), leftovers
+
+
+def test_resume_after_crash_is_exact(first_runs: Path, resumes) -> None:
+    """The last.ckpt that survived the crash resumes, and ends bitwise where an uninterrupted run ends."""
+    out, _ = resumes
+    for rank in range(2):
+        resumed = load(out, "after_crash", rank)
+        assert resumed["start"]["global_step"] == STEPS_PER_EPOCH
+        assert_same_rank_state(load(first_runs, "full", rank), resumed, f"rank {rank}")
+

@@ -1,0 +1,66 @@
+"""Functions run in spawned worker processes by the reliability tests (importable, so ``spawn`` can find them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+import types
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def import_gossip() -> types.ModuleType:
+    """``lightning_gossip.gossip`` without running ``lightning_gossip/__init__.py``, which imports Lightning.
+
+    For worker processes only: in the pytest process the stub would hide the real package from later tests.
+
+    The algorithm package needs only torch; importing Lightning in every worker costs ~10 s of CPU per process on the
+    shared test machine. (This also checks that ``lightning_gossip.gossip`` does not import Lightning.)
+    """
+    stubbed = "lightning_gossip" not in sys.modules
+    if stubbed:
+        package = types.ModuleType("lightning_gossip")
+        package.__path__ = [str(Path(__file__).resolve().parents[2] / "lightning_gossip")]
+        sys.modules["lightning_gossip"] = package
+    import lightning_gossip.gossip as gossip
+
+    assert not (stubbed and "lightning" in sys.modules), "lightning_gossip.gossip imported Lightning"
+    return gossip
+
+
+def fault_worker(rank: int, world_size: int, port: int, mode: str, fault_rank: int, fault_step: int,
+                 timeout_s: float, queue: Any) -> None:
+    """GossipAverager steps until ``fault_rank`` kills (``mode='kill'``) or stops (``'hang'``) itself; report why
+    each other rank stopped: ``(rank, kind, time.time(), text, peers)``."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    gossip_module = import_gossip()
+    GossipAverager, GossipPeerError = gossip_module.GossipAverager, gossip_module.GossipPeerError
+
+    torch.manual_seed(rank)
+    model = nn.Linear(8, 8)
+    gossip = GossipAverager(model, p=0.5, topology="random", seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        for step in range(100_000):
+            if rank == fault_rank and step == fault_step:
+                queue.put((rank, "fault", time.time(), mode, []))
+                os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+            opt.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            gossip.step()
+        queue.put((rank, "finished", time.time(), "", []))
+    except GossipPeerError as error:
+        queue.put((rank, "GossipPeerError", time.time(), str(error), error.peers))
+    except BaseException:  # noqa: BLE001 - anything else is a test failure, reported with its traceback
+        queue.put((rank, "other", time.time(), traceback.format_exc(), []))
