@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Hashable
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -33,7 +35,7 @@ TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloa
 def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return value
-    if value in TRANSFER_DTYPES:
+    if isinstance(value, Hashable) and value in TRANSFER_DTYPES:
         return TRANSFER_DTYPES[value]
     raise ValueError(
         f"transfer_dtype must be None (the model's dtype) or one of {[k for k in TRANSFER_DTYPES if k]}, got {value!r}."
@@ -48,7 +50,7 @@ def check_gossip_options(
     resolve_topology(topology)
     resolve_transfer_dtype(transfer_dtype)
     if average_every is not None and (
-        isinstance(average_every, bool) or not isinstance(average_every, int) or average_every < 1
+        isinstance(average_every, bool) or not isinstance(average_every, numbers.Integral) or average_every < 1
     ):
         raise ValueError(f"average_every must be None or an integer >= 1 (steps), got {average_every!r}.")
     if on_nonfinite not in ("warn", "error"):

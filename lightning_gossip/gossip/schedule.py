@@ -9,6 +9,7 @@ replaying history, and no rank ever needs to talk to another to agree on it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,7 +81,7 @@ class GossipSchedule:
 
 def check_probability(p: object) -> float:
     """Return ``p`` as a float in [0, 1], or raise an error that names the bad value and the allowed range."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):  # numbers.Real: numpy scalars too
         raise TypeError(f"Gossip probability p must be a number in [0, 1], got {p!r} ({type(p).__name__}).")
     if math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"Gossip probability p must be in [0, 1], got {p!r}.")
