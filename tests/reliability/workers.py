@@ -36,8 +36,9 @@ def import_gossip() -> types.ModuleType:
     return gossip
 
 
-def fault_worker(rank: int, world_size: int, port: int, mode: str, fault_rank: int, fault_step: int,
-                 timeout_s: float, queue: Any) -> None:
+def fault_worker(
+    rank: int, world_size: int, port: int, mode: str, fault_rank: int, fault_step: int, timeout_s: float, queue: Any
+) -> None:
     """GossipAverager steps until ``fault_rank`` kills (``mode='kill'``) or stops (``'hang'``) itself; report why
     each other rank stopped: ``(rank, kind, time.time(), text, peers)``."""
     torch.set_num_threads(1)
@@ -64,3 +65,64 @@ def fault_worker(rank: int, world_size: int, port: int, mode: str, fault_rank: i
         queue.put((rank, "GossipPeerError", time.time(), str(error), error.peers))
     except BaseException:  # noqa: BLE001 - anything else is a test failure, reported with its traceback
         queue.put((rank, "other", time.time(), traceback.format_exc(), []))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a fork-based variant of tests.dist_utils.run_distributed: the test process already has torch imported, and spawning
+# would import it (and whatever the test module imports) again in every worker, ~10 s each on the shared 2-core machine
+# ---------------------------------------------------------------------------------------------------------------------
+def _forked_worker(
+    fn: Any, rank: int, world_size: int, port: int, pg_timeout_s: float, args: tuple, queue: Any
+) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_forked(fn: Any, world_size: int, *args: Any, timeout: float = 90.0, pg_timeout_s: float = 30.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo ranks; results (plain Python values) by rank.
+
+    A rank that raises fails the test with its traceback; a run that does not finish within ``timeout`` is killed.
+    """
+    import multiprocessing as mp
+
+    from tests.dist_utils import free_port
+
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_forked_worker, args=(fn, r, world_size, port, pg_timeout_s, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        while len(results) + len(errors) < world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"forked ranks did not finish within {timeout}s (results from {sorted(results)})")
+            if queue.empty():
+                time.sleep(0.02)
+                continue
+            rank, status, value = queue.get()
+            (results if status == "ok" else errors)[rank] = value
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    if errors:
+        raise AssertionError("\n".join(f"rank {r} failed:\n{text}" for r, text in sorted(errors.items())))
+    return [results[r] for r in range(world_size)]
