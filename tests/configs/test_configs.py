@@ -16,6 +16,12 @@ import lightning_gossip  # noqa: F401  (registers the strategies)
 from lightning_gossip.train import instantiate_callbacks, instantiate_loggers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+try:
+    import tensorboard  # noqa: F401
+
+    HAS_TENSORBOARD = True
+except ImportError:
+    HAS_TENSORBOARD = False
 
 
 def options(group: str) -> list[str]:
@@ -56,7 +62,8 @@ def test_default_config(tmp_path):
     assert objs["strategy"].p == pytest.approx(0.1)
     assert objs["trainer"].strategy is objs["strategy"]
     assert objs["trainer"].max_epochs == cfg.trainer.max_epochs
-    assert {type(lg).__name__ for lg in objs["trainer"].loggers} == {"CSVLogger", "TensorBoardLogger"}
+    expected = {"CSVLogger", "TensorBoardLogger"} if HAS_TENSORBOARD else {"CSVLogger"}
+    assert {type(lg).__name__ for lg in objs["trainer"].loggers} == expected
     assert any(type(cb).__name__ == "ModelCheckpoint" for cb in objs["trainer"].callbacks)
     # paths resolve into the run folder
     assert str(tmp_path) in OmegaConf.to_container(cfg.callbacks, resolve=True)["model_checkpoint"]["dirpath"]
@@ -128,7 +135,9 @@ def test_logger_and_callback_configs(tmp_path, group):
         objs = instantiate_all(cfg)
         if name == "none":
             assert not cfg.get(group)
-        if group == "logger" and name in ("csv", "tensorboard"):
+        if group == "logger" and name == "tensorboard" and not HAS_TENSORBOARD:
+            assert not objs["trainer"].loggers
+        elif group == "logger" and name in ("csv", "tensorboard"):
             assert [type(lg).__name__ for lg in objs["trainer"].loggers] == \
                 [{"csv": "CSVLogger", "tensorboard": "TensorBoardLogger"}[name]]
 
@@ -159,3 +168,14 @@ def test_bad_values_fail_at_instantiation(tmp_path):
     cfg = compose_train(tmp_path, ["data.split=bogus"])
     with pytest.raises(Exception, match="split"):
         instantiate(cfg.data)
+
+
+def test_tensorboard_is_skipped_with_a_warning_when_not_installed(tmp_path, monkeypatch):
+    import lightning.fabric.loggers.tensorboard as tb
+
+    monkeypatch.setattr(tb, "_TENSORBOARD_AVAILABLE", False)
+    monkeypatch.setattr(tb, "_TENSORBOARDX_AVAILABLE", False)
+    cfg = compose_train(tmp_path, ["logger=default"])
+    with pytest.warns(UserWarning, match="logger 'tensorboard' skipped"):
+        loggers = instantiate_loggers(cfg.logger)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,7 +55,8 @@ def test_single_run_two_workers(tmp_path):
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
     assert "strategy.p=1.0" in result["overrides"] and not any(o.startswith("hydra.") for o in result["overrides"])
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
-    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     rows = read_metrics_csv(run_dir)
     columns = set(rows[0])
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "gossip/consensus_distance"} <= columns
