@@ -190,7 +190,7 @@ class GossipAverager:
         if self._pending is not None:
             self.exchange.wait(self._pending)
             in_flight = [message for _, message in self._pending.received]
-        return self.state.weighted_mean(in_flight=in_flight)
+        return self.state.weighted_mean(in_flight=in_flight, on_nonfinite=self.exchange.on_nonfinite)
 
     @torch.no_grad()
     def consensus_(self) -> float:
@@ -199,7 +199,7 @@ class GossipAverager:
         A collective: every rank must call it.
         """
         self.finish()
-        mean, total = self.state.weighted_mean()
+        mean, total = self.state.weighted_mean(on_nonfinite=self.exchange.on_nonfinite)
         distance = self.state.consensus_distance(mean)
         self.state.load_flat(mean)
         self.state.weight = total / self.world_size

@@ -7,6 +7,7 @@ as float64 in the message header whatever dtype the payload uses.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -124,26 +125,49 @@ class GossipState:
 
     # -- collectives over all ranks -------------------------------------------------------------------------------
     def weighted_mean(
-        self, group: Optional[dist.ProcessGroup] = None, in_flight: Sequence[Tensor] = ()
+        self, group: Optional[dist.ProcessGroup] = None, in_flight: Sequence[Tensor] = (), on_nonfinite: str = "warn"
     ) -> tuple[Tensor, float]:
         """The exact consensus x_bar = sum_i a_i x_i / sum_i a_i, identical on every rank, and sum_i a_i.
 
         ``in_flight`` are messages this rank has received but not mixed in yet: their mass counts, so the consensus
         is the same whether it is taken before or after they are mixed. Accumulates in float64 so the result depends
         on the reduction order no more than by the final rounding to the model's dtype.
+
+        A rank whose weights (or an in-flight message) hold NaN/Inf is left out of x_bar, so one diverged worker does
+        not poison every other one through the average: with ``on_nonfinite="warn"`` a warning names it, with
+        ``"error"`` every rank raises :class:`FloatingPointError` naming it. The returned sum_i a_i still counts its
+        weight, so a caller that resets a_i = sum / M keeps the total mass at 1.
         """
         flat = self.flatten(torch.float64).mul_(self.weight)
         total = self.weight
+        finite = bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
+        if not finite:
+            flat.zero_()
+        finite_weight = self.weight if finite else 0.0
         for message in in_flight:
             sender_weight = self.read_header(message)[0]
-            flat.add_(self.payload(message).to(torch.float64), alpha=sender_weight)
             total += sender_weight
-        weight = torch.tensor([total], dtype=torch.float64, device=self.device)
+            if self.payload_is_finite(message):
+                flat.add_(self.payload(message).to(torch.float64), alpha=sender_weight)
+                finite_weight += sender_weight
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        # [weight of finite contributions, all weight, one flag per rank whose own weights are not finite]
+        stats = torch.zeros(2 + world_size, dtype=torch.float64, device=self.device)
+        stats[0], stats[1], stats[2 + rank] = finite_weight, total, 0.0 if finite else 1.0
         with collective_guard("the all-reduce of the gossip consensus", group):
             dist.all_reduce(flat, group=group)
-            dist.all_reduce(weight, group=group)
-        total = float(weight.item())
-        return flat.div_(total), total
+            dist.all_reduce(stats, group=group)
+        stats = stats.tolist()
+        bad = [r for r in range(world_size) if stats[2 + r] > 0]
+        if bad:
+            text = (
+                f"Gossip consensus: rank(s) {bad} hold NaN/Inf weights and were left out of the average of the other "
+                "ranks (their gossip weight still counts, so the total stays 1)."
+            )
+            if on_nonfinite == "error":
+                raise FloatingPointError(text)
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
+        return flat.div_(stats[0]), stats[1]
 
     def consensus_distance(self, mean: Tensor, group: Optional[dist.ProcessGroup] = None) -> float:
         """(1/M) sum_i ||x_i - x_bar||^2 over all ranks, given x_bar from :meth:`weighted_mean`."""

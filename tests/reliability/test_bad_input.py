@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_gossip import GossipStrategy
+from lightning_gossip.gossip import GossipAverager
 from lightning_gossip.strategy import _check_checkpoint_fits
 from tests.reliability.workers import run_forked
 
@@ -167,8 +168,6 @@ def test_model_without_floating_point_tensors_fails_before_launch(model, mix_buf
 
 # -- models that differ between ranks: detected at setup, on real processes, naming the first difference -------------
 def _build_averager(rank: int, world_size: int, variant: str) -> str:
-    from lightning_gossip.gossip import GossipAverager
-
     torch.manual_seed(0)
     odd = rank == world_size - 1  # the last rank has the different model
     if variant == "shape":
