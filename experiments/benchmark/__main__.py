@@ -1,0 +1,5 @@
+import sys
+
+from experiments.benchmark.run import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Which configurations the benchmark runs, in each mode.
+
+A *config* is one training setup (DDP, gossip with some p/topology/overlap/dtype, local SGD, ...). A *scenario* is
+one launch of the workers on one network setting (loopback, or namespaces at some rate), optionally with a straggler;
+the configs of a scenario run one after another in the same worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from experiments.benchmark.common import DATA_FULL, DATA_QUICK, MODEL_FULL, MODEL_QUICK
+
+
+def gossip(p: float, topology: str = "random", overlap: bool = False, dtype: Optional[str] = None,
+           per_tensor: bool = False, staleness: Optional[int] = None) -> dict[str, Any]:
+    mode = f"stale{staleness}" if staleness else ("overlap" if overlap else "blocking")
+    name = f"gossip_p{p:g}_{topology}_{mode}" + (f"_{dtype}" if dtype else "") + ("_pertensor" if per_tensor else "")
+    return {"name": name, "kind": "gossip", "p": p, "topology": topology, "overlap": overlap,
+            "transfer_dtype": dtype, "per_tensor": per_tensor, "staleness": staleness}
+
+
+DDP = {"name": "ddp", "kind": "ddp"}
+FLOOR = {"name": "floor", "kind": "floor"}  # M independent processes, no communication at all: the time floor
+GOSSIP_P0 = {"name": "gossip_p0", "kind": "gossip", "p": 0.0, "topology": "random", "overlap": False}
+
+
+def local_sgd(h: int) -> dict[str, Any]:
+    return {"name": f"local_sgd_h{h}", "kind": "gossip", "p": 0.0, "average_every": h}
+
+
+def nosync(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same config without Lightning's per-step SIGTERM broadcast from rank 0 (see worker.py)."""
+    return {**cfg, "name": cfg["name"] + "_nosync", "sigterm_sync": False}
+
+
+@dataclass
+class Scenario:
+    name: str
+    rate_mbit: Optional[float]  # None: loopback (no limit)
+    configs: list[dict[str, Any]]
+    straggler: Optional[dict[str, Any]] = None
+    netns: bool = False  # run inside namespaces (rate_mbit=None there means: namespaces, no limit)
+
+
+@dataclass
+class Mode:
+    name: str
+    workers: int
+    steps: int
+    warmup: int
+    snapshot_every: int
+    batch_size: int
+    lr: float
+    model: dict[str, int]
+    data: dict[str, Any]
+    local_sgd_h: int
+    scenarios: list[Scenario] = field(default_factory=list)
+    single: bool = True
+    momentum: float = 0.9
+    repeats: int = 1  # each scenario's config list is run this many times, interleaved; the fastest repeat counts
+
+
+def full_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor: float) -> Mode:
+    mode = Mode("full", workers, steps=300, warmup=20, snapshot_every=20, batch_size=32, lr=0.05,
+                model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16)
+    h = mode.local_sgd_h
+    core = [
+        FLOOR, GOSSIP_P0, DDP, local_sgd(h),
+        gossip(0.1), gossip(0.1, overlap=True),
+        gossip(0.1, dtype="bfloat16"), gossip(0.1, overlap=True, dtype="bfloat16"),
+        gossip(0.1, per_tensor=True),
+        nosync(GOSSIP_P0), nosync(local_sgd(h)), nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)),
+    ]
+    sweep = [
+        gossip(0.1, "ring", overlap=True), gossip(0.1, "exponential", overlap=True),
+        gossip(0.03, overlap=True), gossip(0.3, overlap=True), gossip(1.0, overlap=True),
+    ]
+    straggle = [FLOOR, DDP, local_sgd(h), gossip(0.1), gossip(0.1, overlap=True),
+                nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True))]
+    lag = {"rank": workers - 1, "factor": straggler_factor}
+    mode.scenarios.append(Scenario("loopback", None, core + sweep))
+    mode.scenarios.append(Scenario(f"loopback_straggler{straggler_factor:g}x", None, straggle, straggler=lag))
+    if netns_ok:
+        for rate in sorted(rates, reverse=True):
+            slow = rate == min(rates)
+            mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, core + (sweep if slow else []), netns=True))
+        slowest = min(rates)
+        mode.scenarios.append(Scenario(f"{slowest:g}mbit_straggler{straggler_factor:g}x", slowest, straggle,
+                                       straggler=lag, netns=True))
+    return mode
+
+
+def quick_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor: float, smoke: bool) -> Mode:
+    if smoke:
+        mode = Mode("smoke", workers, steps=200, warmup=10, snapshot_every=50, batch_size=16, lr=0.05,
+                    model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10)
+        mode.scenarios.append(Scenario("loopback", None, [FLOOR, GOSSIP_P0, DDP, gossip(0.5), nosync(GOSSIP_P0)]))
+        return mode
+    mode = Mode("quick", workers, steps=150, warmup=10, snapshot_every=25, batch_size=32, lr=0.05,
+                model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10, repeats=2)
+    configs = [
+        FLOOR, GOSSIP_P0, DDP, local_sgd(mode.local_sgd_h),
+        gossip(0.5), gossip(0.5, overlap=True), gossip(0.5, dtype="bfloat16"), gossip(0.5, per_tensor=True),
+        gossip(0.1, overlap=True),
+        nosync(GOSSIP_P0), nosync(gossip(0.5)), nosync(gossip(0.5, overlap=True)),
+    ]
+    mode.scenarios.append(Scenario("loopback", None, configs))
+    if netns_ok:  # only when asked for (--network netns|auto in quick mode)
+        for rate in rates:
+            mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, [FLOOR, DDP, gossip(0.5), gossip(0.5, overlap=True)],
+                                           netns=True))
+    return mode

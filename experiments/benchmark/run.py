@@ -1,0 +1,291 @@
+"""Gossip against DDP, local SGD and single-process training, side by side in one invocation.
+
+    python -m experiments.benchmark                     # full mode: 4 workers, ~1M-param MLP, loopback + namespaces
+    python -m experiments.benchmark --quick             # CI: 2 workers, tiny model, loopback, ~1-2 minutes
+    python -m experiments.benchmark --quick --compare experiments/results/benchmark/quick/baseline.json
+
+Workers are launched the way torchrun launches them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, GROUP_RANK, TORCHELASTIC_RUN_ID in the environment), one process per rank, each running the
+Lightning script :mod:`experiments.benchmark.worker`. For a bandwidth-limited network each worker gets its own Linux
+network namespace, joined by veth pairs to a bridge and limited with ``tc`` (:mod:`experiments.benchmark.netns`);
+where that is not possible (not root, no iproute2, not Linux) the harness says why and runs on loopback only.
+Results: JSON, a markdown table and PNG plots (:mod:`experiments.benchmark.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+from experiments.benchmark import netns
+from experiments.benchmark.common import dump_json, machine_stamp, num_params
+from experiments.benchmark.configs import Mode, Scenario, full_mode, quick_mode
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO, "experiments", "results", "benchmark")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _terminate(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """Stop the workers this harness started (each leads its own process group)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def launch(network: Any, world_size: int, plan: dict, out_dir: str, log_dir: str, label: str, timeout: float) -> None:
+    """Run the plan on ``world_size`` worker processes, torchrun-style; raise if any fails or time runs out."""
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(log_dir, exist_ok=True)
+    plan_path = os.path.join(out_dir, "plan.json")
+    with open(plan_path, "w") as f:
+        json.dump(plan, f)
+    one_node_per_worker = isinstance(network, netns.Network)  # like `torchrun --nnodes M --nproc-per-node 1`
+    port = 20000 + secrets.randbelow(20000) if one_node_per_worker else netns.free_port()
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for rank in range(world_size):
+            env = dict(os.environ)
+            env.update(
+                OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                PYTHONWARNINGS="ignore",
+                BENCH_IFNAME=network.IFNAME,
+            )
+            if world_size > 1:
+                local_world = 1 if one_node_per_worker else world_size
+                env.update(
+                    MASTER_ADDR=network.master_addr,
+                    MASTER_PORT=str(port),
+                    RANK=str(rank),
+                    WORLD_SIZE=str(world_size),
+                    LOCAL_RANK=str(0 if one_node_per_worker else rank),
+                    LOCAL_WORLD_SIZE=str(local_world),
+                    GROUP_RANK=str(rank if one_node_per_worker else 0),
+                    GROUP_WORLD_SIZE=str(world_size // local_world),
+                    ROLE_RANK=str(rank),
+                    ROLE_WORLD_SIZE=str(world_size),
+                    TORCHELASTIC_RUN_ID=f"lgbench-{label}",
+                    GLOO_SOCKET_IFNAME=network.IFNAME,
+                )
+            cmd = network.wrap(rank, [sys.executable, "-m", "experiments.benchmark.worker", "--plan", plan_path,
+                                      "--out", out_dir])
+            logf = open(os.path.join(log_dir, f"{label}_rank{rank}.log"), "w")
+            logs.append(logf)
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        deadline = time.time() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"worker rank {failed[0]} of {label} exited with {codes[failed[0]]}; "
+                                   f"see {os.path.join(log_dir, f'{label}_rank{failed[0]}.log')}")
+            if all(c == 0 for c in codes):
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"{label} did not finish within {timeout:.0f} s")
+            time.sleep(0.25)
+    finally:
+        _terminate(procs)
+        for f in logs:
+            f.close()
+
+
+def choose_network(network: str, quick: bool) -> tuple[bool, str]:
+    """Whether to build namespaces: ``auto`` does in full mode when it can, and says why not when it cannot."""
+    if network == "loopback":
+        return False, "loopback asked for (--network loopback)"
+    if quick and network == "auto":
+        return False, "quick mode runs on loopback (add --network netns for namespaces)"
+    ok, reason = netns.probe()
+    if not ok:
+        if network == "netns":
+            raise SystemExit(f"--network netns asked for, but: {reason}")
+        log(f"NOTE: no network namespaces here ({reason}); the bandwidth-limited scenarios are skipped and "
+            "everything runs on plain loopback.")
+    return ok, reason
+
+
+def make_plan(mode: Mode, scenario: Optional[Scenario], configs: list[dict]) -> dict:
+    from experiments.benchmark.report import run_dir_name
+
+    runs = []
+    repeats = mode.repeats
+    for rep, cfg in ((rep, cfg) for rep in range(repeats) for cfg in configs):
+        run = dict(cfg, name=run_dir_name(cfg["name"], rep))
+        run.update(steps=mode.steps, warmup=mode.warmup, snapshot_every=mode.snapshot_every, lr=mode.lr,
+                   momentum=mode.momentum, batch_size=mode.batch_size, seed=0)
+        if cfg["kind"] == "single":
+            run["batch_size"] = mode.batch_size * mode.workers
+        if scenario is not None and scenario.straggler:
+            run["straggler"] = scenario.straggler
+        runs.append(run)
+    return {"model": mode.model, "data": mode.data, "seed": 0, "runs": runs, "pg_timeout_s": 300}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    # Ctrl-C and SIGTERM both unwind through the try/finally blocks, which stop workers and delete namespaces.
+    signal.signal(signal.SIGTERM, _interrupt)
+    rates = [float(r) for r in args.rates.split(",") if r]
+    netns_ok, reason = choose_network(args.network, args.quick)
+    if args.quick or args.smoke:
+        mode = quick_mode(args.workers or 2, netns_ok, rates, args.straggler, smoke=args.smoke)
+    else:
+        mode = full_mode(args.workers or 4, netns_ok, rates, args.straggler)
+    if args.steps:
+        mode.steps = args.steps
+    if args.only:
+        keep = set(args.only.split(","))
+        for sc in mode.scenarios:
+            sc.configs = [c for c in sc.configs if c["name"] in keep or c["name"] in ("floor", "ddp")]
+    if args.scenarios:
+        keep_sc = set(args.scenarios.split(","))
+        mode.scenarios = [sc for sc in mode.scenarios if sc.name in keep_sc]
+
+    out_dir = args.out or os.path.join(DEFAULT_OUT, mode.name)
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="lgbench-")
+    log_dir = os.path.join(work, "logs")
+    stamp = machine_stamp()
+    log(f"mode {mode.name}: {mode.workers} workers, {num_params(mode.model):,} parameters, {mode.steps} steps; "
+        f"machine {stamp['cpu_model']} x{stamp['nproc']}, load {stamp['loadavg_1min_at_start']}; scratch {work}")
+    from experiments.benchmark import report
+
+    scenarios_out: list[dict] = []
+    rows: list[dict] = []
+    try:
+        if mode.single:
+            t = time.time()
+            single = {"name": "single", "kind": "single"}
+            launch(netns.Loopback(1), 1, make_plan(mode, None, [single]), os.path.join(work, "single"), log_dir,
+                   "single", args.timeout)
+            rows += report.summarize_scenario(os.path.join(work, "single"), mode, "single", None, [single])
+            log(f"single: {time.time() - t:.0f} s")
+            shutil.rmtree(os.path.join(work, "single"), ignore_errors=True)
+        for sc in mode.scenarios:
+            t = time.time()
+            network = netns.Network(mode.workers, sc.rate_mbit) if sc.netns else netns.Loopback(mode.workers)
+            sc_dir = os.path.join(work, sc.name)
+            with network:
+                info = {"name": sc.name, **network.describe(), "straggler": sc.straggler,
+                        "loadavg_1min": round(os.getloadavg()[0], 2)}
+                if sc.netns:
+                    info["measured_mbit"] = network.measure_mbit()
+                    log(f"{sc.name}: namespaces up ({info['subnet']}), one TCP stream measured "
+                        f"{info['measured_mbit']} Mbit/s")
+                try:
+                    launch(network, mode.workers, make_plan(mode, sc, sc.configs), sc_dir, log_dir, sc.name,
+                           args.timeout)
+                    info["status"] = "ok"
+                except (RuntimeError, TimeoutError) as error:
+                    info["status"] = f"failed: {error}"
+                    log(f"{sc.name}: FAILED: {error}")
+                    _print_log_tails(log_dir, sc.name)
+            if isinstance(network, netns.Network):
+                netns.wait_gone([network.bridge])
+            rows += report.summarize_scenario(sc_dir, mode, sc.name, sc, sc.configs)
+            shutil.rmtree(sc_dir, ignore_errors=True)
+            info["wall_s"] = round(time.time() - t, 1)
+            scenarios_out.append(info)
+            log(f"{sc.name}: {info['status']} in {info['wall_s']} s")
+    finally:
+        if args.keep_scratch:
+            log(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    results = report.assemble(mode, stamp, scenarios_out, rows, netns_ok, reason)
+    json_path = os.path.join(out_dir, "results.json")
+    dump_json(results, json_path)
+    report.write_markdown(results, os.path.join(out_dir, "results.md"))
+    if not args.no_plots:
+        report.write_plots(results, out_dir)
+    log(f"wrote {json_path}, results.md" + ("" if args.no_plots else " and plots"))
+    return results
+
+
+def _print_log_tails(log_dir: str, label: str, lines: int = 30) -> None:
+    for name in sorted(os.listdir(log_dir)):
+        if name.startswith(label + "_rank"):
+            with open(os.path.join(log_dir, name)) as f:
+                tail = f.readlines()[-lines:]
+            print(f"--- {name} (last {len(tail)} lines) ---\n" + "".join(tail), file=sys.stderr)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI mode: 2 workers, tiny model, loopback")
+    parser.add_argument("--smoke", action="store_true", help="the smallest quick run (what the pytest smoke runs)")
+    parser.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto",
+                        help="auto: namespaces if possible (full mode only), else loopback with a message")
+    parser.add_argument("--rates", default="1000,100", help="link rates in Mbit/s for the namespace scenarios")
+    parser.add_argument("--workers", type=int, default=None, help="number of workers (default 4, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="override the number of steps per run")
+    parser.add_argument("--straggler", type=float, default=2.0, help="k: the straggler is k times slower")
+    parser.add_argument("--only", default=None, help="comma-separated config names to keep (plus floor, ddp)")
+    parser.add_argument("--scenarios", default=None, help="comma-separated scenario names to keep")
+    parser.add_argument("--out", default=None, help="output directory (default experiments/results/benchmark/MODE)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per scenario launch")
+    parser.add_argument("--compare", default=None, metavar="BASELINE.json",
+                        help="compare ratios with a baseline results.json; exit 1 on a regression")
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help="allowed relative growth of a time ratio before it counts as a regression")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--keep-scratch", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.quick = True
+    results = run_benchmark(args)
+    if args.compare:
+        from experiments.benchmark import report
+
+        with open(args.compare) as f:
+            baseline = json.load(f)
+        problems, lines = report.compare(results, baseline, args.tolerance)
+        print("\n".join(lines))
+        if problems:
+            log(f"REGRESSION against {args.compare}: " + "; ".join(problems))
+            return 1
+        log(f"no regression against {args.compare} (tolerance {args.tolerance:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
