@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import uuid
 from contextlib import ExitStack, suppress
 from datetime import timedelta
@@ -21,7 +23,9 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
@@ -506,7 +510,8 @@ def _atomic_local_save(checkpoint: dict[str, Any], path: str) -> None:
 
 
 class _GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher, with the gossip checks that need the model run before any process starts."""
+    """Lightning's popen launcher, with the gossip checks that need the model run before any process starts, and a
+    process observer that says which rank was lost."""
 
     def __init__(self, strategy: GossipStrategy, *args: Any) -> None:
         super().__init__(*args)
@@ -515,7 +520,38 @@ class _GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
     @override
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
         self._strategy._check_before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        # As Lightning's launch, with _GossipChildObserver in place of its observer.
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            _GossipChildObserver(main_pid=os.getpid(), child_processes=self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class _GossipChildObserver(_ChildProcessObserver):
+    """Lightning's observer (every 5 s: if a worker exited with an error, SIGKILL all, rank 0 included), but it first
+    writes to stderr which rank was lost and how, since it may kill rank 0 before rank 0 reports a lost peer itself
+    (Lightning only logs this at INFO level, which is often not shown)."""
+
+    @override
+    def _run(self) -> bool:
+        for proc in self._child_processes:
+            proc.poll()
+        for rank, proc in enumerate(self._child_processes, start=1):
+            code = proc.returncode
+            if code:
+                how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else (
+                    f"exit code {code}"
+                )
+                sys.stderr.write(
+                    f"GossipStrategy: lost worker rank {rank} (pid {proc.pid}, {how}). Stopping every worker process, "
+                    "rank 0 included, so that none is left waiting for it; restart from the last checkpoint "
+                    "(Trainer.fit(ckpt_path=...)).\n"
+                )
+                sys.stderr.flush()
+                break
+        return super()._run()
 
 
 class _GossipMultiProcessingLauncher(_MultiProcessingLauncher):

@@ -7,6 +7,9 @@ SIGKILL of a Lightning worker mid-training; SIGKILL of Lightning's rank 0 in the
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,11 +81,14 @@ def _fault_time(out: Path) -> float:
 
 
 def test_lightning_worker_killed_mid_training(dead_worker_run) -> None:
-    """3 Lightning workers, GossipStrategy(timeout=20 s); rank 2 is SIGKILLed in epoch 2."""
+    """3 Lightning workers, GossipStrategy(timeout=60 s); rank 2 is SIGKILLed in epoch 2."""
     out, run = dead_worker_run
     assert "FAULT: rank 2 killed" in run.output
     assert run.returncode != 0, run.output[-4000:]
-    assert "GossipPeerError" in run.output and "lost gossip peer rank 2" in run.output, run.output[-6000:]
+    # Whoever notices first says rank 2 was lost: a rank waiting for it (GossipPeerError), or rank 0's process
+    # observer, which then stops every process (it polls every 5 s, so it wins when the others are slow to notice).
+    named = re.search(r"lost gossip peer rank 2|lost worker rank 2 \(pid \d+, signal SIGKILL\)", run.output)
+    assert named, run.output[-6000:]
     assert not run.survivors, f"processes left behind: {run.survivors}"
     assert run.ended_at - _fault_time(out) < FAULT_TIMEOUT_S + SLACK_S
     assert not list(out.glob("dead_rank*.pt"))  # nobody finished training
@@ -117,3 +123,30 @@ def test_resume_after_crash_is_exact(first_runs: Path, resumes) -> None:
         assert resumed["start"]["global_step"] == STEPS_PER_EPOCH
         assert_same_rank_state(load(first_runs, "full", rank), resumed, f"rank {rank}")
 
+
+def test_process_observer_names_the_lost_rank(capfd) -> None:
+    """The launcher's observer: a worker that died is reported by rank, then every process is stopped."""
+    from lightning_gossip.strategy import _GossipChildObserver
+
+    class Dead:
+        pid, returncode = 4242, -9
+
+        def poll(self) -> int:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            self.signalled = signum
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    main, alive = subprocess.Popen(sleeper), subprocess.Popen(sleeper)  # main stands in for rank 0
+    try:
+        dead = Dead()
+        observer = _GossipChildObserver(main_pid=main.pid, child_processes=[alive, dead])
+        assert observer._run() is True
+        assert main.wait(timeout=10) == -9 and alive.wait(timeout=10) == -9
+    finally:
+        for proc in (main, alive):
+            proc.kill()
+            proc.wait()
+    err = capfd.readouterr().err
+    assert "GossipStrategy: lost worker rank 2 (pid 4242, signal SIGKILL)" in err, err
