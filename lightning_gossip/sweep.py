@@ -187,7 +187,13 @@ def plot(rows: Sequence[dict[str, Any]], x: str, y: str, hue: Sequence[str], pat
         label = ", ".join(f"{h}={v}" for h, v in zip(hue, key)) or y
         ax.errorbar(xs, [e[f"{y} mean"] for e in entries], yerr=[e[f"{y} std"] or 0.0 for e in entries],
                     marker="o", capsize=3, label=label)
-    if not numeric_x:
+    if numeric_x:
+        positive = sorted({float(r[x]) for r in rows if r[x] > 0})
+        if positive and positive[-1] / positive[0] >= 20:  # e.g. p = 0, 0.01, 0.1, 1: spread the small values
+            ax.set_xscale("symlog", linthresh=positive[0])
+            ax.set_xticks(sorted({float(r[x]) for r in rows}))
+            ax.set_xticklabels([f"{v:g}" for v in sorted({float(r[x]) for r in rows})])
+    else:
         ax.set_xticks(range(len(xs_all)))
         ax.set_xticklabels([str(v) for v in xs_all], rotation=20)
     ax.set_xlabel(x)

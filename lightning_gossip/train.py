@@ -9,13 +9,19 @@ Worker processes and Hydra
 Lightning's popen launcher (used by ``ddp`` and ``gossip``) starts ranks 1..M-1 by re-running ``sys.argv``. Under
 Hydra multirun that command line is the whole sweep (``-m strategy.p=0,0.1 seed=1,2``), so every child would start
 a sweep of its own (Lightning appends ``hydra.run.dir=...`` but keeps ``-m`` and the sweep lists), and the jobs'
-workers end up with the wrong settings or in the wrong folder. This module therefore launches the workers itself,
-as Lightning's launcher would and as ``torchrun`` does: rank 0 saves the job's fully resolved config to
-``<output_dir>/.worker_config.yaml``, starts ranks 1..M-1 as ``python -m lightning_gossip.train`` with that file
-in ``LIGHTNING_GOSSIP_WORKER_CONFIG`` (no Hydra in the workers: no argv parsing, no new output folders), and sets
-``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` so Lightning knows the processes exist. Single runs and
-multirun jobs take the same path, with a fresh port per job and the process group torn down after each job. The
-spawn start method (``strategy.start_method=spawn`` or ``strategy=gossip_spawn``) needs none of this and works too.
+workers end up with the wrong settings or in the wrong folder. And rank 0 would live in the Hydra process, which
+runs job after job: a job that dies mid-collective leaves that process's distributed state, signal handlers and
+threads behind for the next job.
+
+So this entry point is its own ``torchrun``: when the strategy would re-run the script (popen, several devices), the
+Hydra process only saves the job's fully resolved config to ``<output_dir>/.worker_config.yaml`` and starts ALL
+ranks 0..M-1 as fresh ``python -m lightning_gossip.train`` processes with that file in
+``LIGHTNING_GOSSIP_WORKER_CONFIG`` (no Hydra in them: no argv parsing, no output folders of their own) and
+``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (a free port per job) set, so Lightning
+knows the processes exist. It waits for them, stops the others shortly after one fails, and reads the metrics back
+from ``results.json``, which rank 0 writes. Single runs and multirun jobs take the same path; every job gets fresh
+processes. Single-device runs, and the spawn start method (``strategy.start_method=spawn``, ``strategy=gossip_spawn``,
+whose processes are fresh already), run in the Hydra process as usual.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,113 +44,137 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("lightning_gossip.train")
 
 WORKER_CONFIG_ENV = "LIGHTNING_GOSSIP_WORKER_CONFIG"
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 RESULTS_FILE = "results.json"
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # worker processes
 # ---------------------------------------------------------------------------------------------------------------------
 class WorkerProcesses:
-    """Start ranks 1..M-1 of a popen-launched strategy from a resolved config file; tear everything down after.
+    """Run every rank of one job as a fresh ``python -m lightning_gossip.train`` process on this node.
 
-    A context manager around ``fit``/``test`` on rank 0. If a worker dies, the others are stopped so that rank 0's
-    collectives fail fast instead of waiting for the process-group timeout.
+    Args:
+        cfg: the job's composed config (resolved and saved for the workers).
+        output_dir: the job's folder.
+        world_size: number of processes (ranks 0..world_size-1).
+        grace: after the first worker fails, seconds the others get to fail on their own (and say why) before
+            they are stopped.
     """
 
-    def __init__(self, trainer: Any, cfg: DictConfig, output_dir: Path, join_timeout: float = 300.0) -> None:
-        self.trainer = trainer
+    def __init__(self, cfg: DictConfig, output_dir: Path, world_size: int, grace: float = 10.0) -> None:
         self.cfg = cfg
-        self.output_dir = output_dir
-        self.join_timeout = join_timeout
+        self.output_dir = Path(output_dir)
+        self.world_size = int(world_size)
+        self.grace = grace
         self.procs: list[subprocess.Popen] = []
-        self.failed: Optional[str] = None
-        self._saved_env: dict[str, Optional[str]] = {}
-        self._stop = threading.Event()
+        self.config_path = self.output_dir / ".worker_config.yaml"
 
     @staticmethod
-    def needed(trainer: Any) -> bool:
-        """True when Lightning would start the other ranks by re-running this script (popen, several devices)."""
+    def world_size_if_needed(cfg: DictConfig) -> Optional[int]:
+        """The number of processes when the configured strategy would re-run the script (popen); else None.
+
+        Decided by instantiating the strategy and a bare Trainer (no loggers, callbacks or processes).
+        """
+        from hydra.utils import instantiate
         from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
+        if not isinstance(cfg.strategy, DictConfig):
+            return None
+        lightning_log = logging.getLogger("lightning.pytorch")
+        level = lightning_log.level
+        lightning_log.setLevel(logging.WARNING)  # the workers print the device summary
+        try:
+            trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), logger=False, callbacks=[],
+                                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        finally:
+            lightning_log.setLevel(level)
         strategy = trainer.strategy
         launcher = getattr(strategy, "launcher", None)
         if not isinstance(launcher, _SubprocessScriptLauncher):
-            return False
+            return None
         if strategy.cluster_environment.creates_processes_externally:
-            return False  # torchrun, SLURM, or we are a worker ourselves
+            return None  # torchrun, SLURM, or a worker of ours: the processes exist already
         if launcher.num_nodes > 1:
-            raise RuntimeError("num_nodes > 1: start the processes with torchrun or SLURM; this entry point "
-                               "starts the workers of one node only.")
-        return launcher.num_processes > 1
+            raise RuntimeError("num_nodes > 1: start the processes with torchrun or SLURM; this entry point starts "
+                               "the workers of one node only.")
+        return launcher.num_processes if launcher.num_processes > 1 else None
 
-    def __enter__(self) -> "WorkerProcesses":
-        env = self.trainer.strategy.cluster_environment
-        world_size = self.trainer.strategy.launcher.num_processes
-        path = self.output_dir / ".worker_config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.cfg, path, resolve=True)
-        self._saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
-        # env.main_port is what rank 0 will use; read it from the environment object so both sides agree
-        os.environ.update(MASTER_ADDR=str(env.main_address), MASTER_PORT=str(env.main_port), NODE_RANK="0",
-                          LOCAL_RANK="0", WORLD_SIZE=str(world_size))
-        for rank in range(1, world_size):
-            child_env = dict(os.environ, LOCAL_RANK=str(rank), **{WORKER_CONFIG_ENV: str(path)})
-            child_env.setdefault("OMP_NUM_THREADS", str(self.cfg.get("threads_per_worker", 1)))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "lightning_gossip.train"], env=child_env))
-        threading.Thread(target=self._watch, name="gossip-worker-watch", daemon=True).start()
-        log.info("started %d worker processes (ranks 1..%d) for %s", world_size - 1, world_size - 1, path.parent)
-        return self
+    def _env(self, rank: int, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and k != "RANK"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE=str(self.world_size),
+                   LOCAL_RANK=str(rank), **{WORKER_CONFIG_ENV: str(self.config_path)})
+        env.setdefault("OMP_NUM_THREADS", str(self.cfg.get("threads_per_worker") or 1))
+        # this package importable in the workers even when it is not installed; they share our working directory
+        # (relative paths resolve alike, also with hydra.job.chdir=true)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
+        return env
 
-    def _watch(self) -> None:
-        while not self._stop.wait(1.0):
-            for rank, proc in enumerate(self.procs, start=1):
-                code = proc.poll()
-                if code not in (None, 0):
-                    self.failed = f"worker rank {rank} exited with code {code}"
-                    log.error("%s; stopping the other workers", self.failed)
-                    self._terminate()
-                    return
+    def run(self) -> dict[str, Any]:
+        """Start the ranks, wait for them, and return ``results.json`` (written by rank 0)."""
+        from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
-    def _terminate(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg, self.config_path, resolve=True)
+        results = self.output_dir / RESULTS_FILE
+        if results.exists():
+            results.unlink()  # a stale file must not pass for this job's result
+        port = find_free_network_port()
+        log.info("starting %d worker processes (ranks 0..%d, port %d) for %s", self.world_size, self.world_size - 1,
+                 port, self.output_dir)
+        try:
+            for rank in range(self.world_size):
+                cmd = [sys.executable, "-m", "lightning_gossip.train"]
+                self.procs.append(subprocess.Popen(cmd, env=self._env(rank, port)))
+            codes = self._wait()
+        except BaseException:  # KeyboardInterrupt included: never leave workers behind
+            self._terminate()
+            raise
+        if any(codes):
+            failed = ", ".join(f"rank {r}: {_describe(c)}" for r, c in enumerate(codes) if c)
+            raise RuntimeError(f"Worker processes failed ({failed}); their errors are printed above "
+                               f"(config: {self.config_path}).")
+        if not results.exists():
+            raise RuntimeError(f"The workers finished but rank 0 wrote no {results}.")
+        return json.loads(results.read_text())
+
+    def _wait(self) -> list[int]:
+        first_failure: Optional[float] = None
+        while True:
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                return [int(c) for c in codes]
+            if first_failure is None and any(c not in (None, 0) for c in codes):
+                first_failure = time.monotonic()
+                rank, code = next((r, c) for r, c in enumerate(codes) if c not in (None, 0))
+                log.error("worker rank %d failed (%s); stopping the others in %.0f s unless they stop first",
+                          rank, _describe(code), self.grace)
+            if first_failure is not None and time.monotonic() - first_failure > self.grace:
+                self._terminate()
+                return [int(p.returncode) for p in self.procs]
+            time.sleep(0.2)
+
+    def _terminate(self, patience: float = 10.0) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience
         for proc in self.procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # e.g. Lightning's SIGTERM handler stuck in a collective
                 proc.kill()
                 proc.wait()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+
+def _describe(code: int) -> str:
+    if code < 0:
         try:
-            if exc_type is None:
-                deadline = time.monotonic() + self.join_timeout
-                for proc in self.procs:
-                    try:
-                        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        self.failed = self.failed or f"worker pid {proc.pid} did not exit within {self.join_timeout}s"
-            self._stop.set()
-            self._terminate()
-            codes = [p.returncode for p in self.procs]
-            if exc_type is None and any(c != 0 for c in codes):
-                self.failed = self.failed or f"worker exit codes {codes}"
-        finally:
-            self._stop.set()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()  # the next multirun job needs a fresh group
-            for key, value in self._saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        if self.failed and exc_type is None:
-            raise RuntimeError(f"Training finished on rank 0 but {self.failed}.")
-        if self.failed and exc_type is not None:
-            log.error("rank 0 failed after %s", self.failed)
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,25 +253,44 @@ def _log_dirs(trainer: Any) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------------
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) one composed config on this process's rank; returns the final metrics (on every rank)."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-
-    import lightning_gossip  # noqa: F401  (registers the gossip strategies)
-
+def _configure_process(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.get("threads_per_worker") or 1))
-    extras = cfg.get("extras") or {}
-    if extras.get("ignore_warnings"):
+    if (cfg.get("extras") or {}).get("ignore_warnings"):
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Consider setting `persistent_workers=True`.*")
         warnings.filterwarnings("ignore", ".*The number of training batches.*smaller than the logging interval.*")
         # lightning_gossip.models logs values that torchmetrics already synced over ranks
         warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed setting.*")
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and test) one composed config; returns the final metrics.
+
+    In the Hydra process: starts the worker processes and waits for them when the strategy needs several (see the
+    module docstring), else trains here. In a worker process: trains this rank.
+    """
+    import lightning_gossip  # noqa: F401  (registers the gossip strategies)
+
+    _configure_process(cfg)
     is_worker = WORKER_CONFIG_ENV in os.environ
-    if extras.get("print_config") and not is_worker:
-        print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+    if not is_worker:
+        if (cfg.get("extras") or {}).get("print_config"):
+            print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+        world_size = WorkerProcesses.world_size_if_needed(cfg)
+        if world_size:
+            result = WorkerProcesses(cfg, Path(cfg.paths.output_dir), world_size).run()
+            hydra_info = _hydra_info()
+            if hydra_info:  # the workers run without Hydra: add what only this process knows
+                result.update(hydra_info)
+                (Path(cfg.paths.output_dir) / RESULTS_FILE).write_text(json.dumps(result, indent=2, default=str))
+            return result["metrics"]
+    return _fit_and_test(cfg)
+
+
+def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
 
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -252,26 +301,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           logger=instantiate_loggers(cfg.get("logger")) or False)
 
     start = time.time()
-    workers = WorkerProcesses(trainer, cfg, output_dir) if WorkerProcesses.needed(trainer) else None
-    if workers is not None:
-        workers.__enter__()
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        fit_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
-        test_metrics: dict[str, Any] = {}
-        if cfg.get("test"):
-            results = trainer.test(model, datamodule=datamodule, verbose=False)
-            test_metrics = {k: _scalar(v) for k, v in (results[0] if results else {}).items()}
-    except BaseException:
-        if workers is not None:
-            workers.__exit__(*sys.exc_info())
-        raise
-    if workers is not None:
-        workers.__exit__(None, None, None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        results = trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: _scalar(v) for k, v in (results[0] if results else {}).items()})
     runtime = time.time() - start
-
-    metrics = {**fit_metrics, **test_metrics}
-    if is_worker or trainer.global_rank != 0:
+    if trainer.global_rank != 0:
         return metrics
     result = {
         "metrics": metrics,
@@ -290,11 +326,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2, default=str))
-    _print_summary(result, cfg)
+    _print_summary(result)
     return metrics
 
 
-def _print_summary(result: dict[str, Any], cfg: DictConfig) -> None:
+def _print_summary(result: dict[str, Any]) -> None:
     metrics = result["metrics"]
     which = "consensus model" if result.get("gossip") else "model"
     lines = ["", "=" * 80]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,32 +27,56 @@ def shell(cmd: Sequence[str]) -> str:
     return " ".join(["python"] + [shlex.quote(c.replace(f"{REPO}/", "")) for c in cmd[1:]])
 
 
-def expected_jobs(overrides: Sequence[str]) -> int:
-    n = 1
+def job_overrides(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs of a multirun in Hydra's order (BasicSweeper: a product, the first override outermost)."""
+    choices = []
     for o in overrides:
-        if "=" in o and not o.startswith("hydra."):
-            n *= len(o.split("=", 1)[1].split(","))
-    return n
+        key, _, value = o.partition("=")
+        choices.append([f"{key}={v}" for v in value.split(",")] if "," in value and not o.startswith("hydra.") else [o])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def expected_jobs(overrides: Sequence[str]) -> int:
+    return len(job_overrides(overrides))
+
+
+def _run(cmd: Sequence[str], out_file: Path) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    with open(out_file, "a") as out:  # the jobs' console output, kept out of the way
+        return subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
 
 
 def run_sweep(name: str, overrides: Sequence[str], root: Path, log: Path, force: bool = False) -> Path:
-    """Run ``python -m lightning_gossip.train -m <overrides>`` into ``root/name`` unless it finished before."""
+    """Run ``python -m lightning_gossip.train -m <overrides>`` into ``root/name``.
+
+    Jobs that finished before (their ``results.json`` exists) are kept unless ``force``; if only some are missing,
+    just those are run again, one by one, into the job folders the multirun would have used.
+    """
     sweep_dir = root / name
-    done = len(list(sweep_dir.glob("*/results.json")))
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_file = sweep_dir.parent / f"{name}.out"
     cmd = train_command(overrides, sweep_dir)
     with open(log, "a") as f:
         f.write(f"{shell(cmd)}\n")
-    if done >= expected_jobs(overrides) and not force:
-        print(f"[{name}] {done} jobs already finished in {sweep_dir}; skipping (--force to rerun)", flush=True)
-        return sweep_dir
-    print(f"[{name}] running {expected_jobs(overrides)} job(s): {shell(cmd)}", flush=True)
+    all_jobs = job_overrides(overrides)
+    missing = [i for i in range(len(all_jobs)) if force or not (sweep_dir / str(i) / "results.json").exists()]
     start = time.time()
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir.parent / f"{name}.out", "w") as out:  # the jobs' console output, kept out of the way
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sweep {name} failed (exit {proc.returncode}); see {sweep_dir.parent / (name + '.out')}")
+    if not missing:
+        print(f"[{name}] all {len(all_jobs)} jobs finished before in {sweep_dir}; skipping (--force reruns)", flush=True)
+        return sweep_dir
+    if len(missing) == len(all_jobs):
+        print(f"[{name}] running {len(all_jobs)} job(s): {shell(cmd)}", flush=True)
+        code = _run(cmd, out_file)
+    else:
+        code = 0
+        for i in missing:
+            job_cmd = [sys.executable, "-m", "lightning_gossip.train", *all_jobs[i], f"hydra.run.dir={sweep_dir / str(i)}"]
+            print(f"[{name}] rerunning job {i}: {shell(job_cmd)}", flush=True)
+            code = code or _run(job_cmd, out_file)
+    still = [i for i in range(len(all_jobs)) if not (sweep_dir / str(i) / "results.json").exists()]
+    if code != 0 or still:
+        raise RuntimeError(f"sweep {name}: jobs {still} did not finish (exit {code}); see {out_file}. "
+                           "Run the script again to rerun only those.")
     print(f"[{name}] done in {time.time() - start:.0f} s", flush=True)
     return sweep_dir
 

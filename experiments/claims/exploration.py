@@ -3,7 +3,7 @@
     python -m experiments.claims.exploration                  # run the sweeps (about 25 min on 2 busy cores), report
     python -m experiments.claims.exploration --report-only
 
-On scikit-learn's digits with the MLP (conf/experiment/claims_exploration.yaml): 4 workers x batch 16, 30 epochs,
+On scikit-learn's digits with the MLP (conf/experiment/claims_exploration.yaml): 4 workers x batch 16, 20 epochs,
 on IID shards and on label-skewed shards (Dirichlet alpha=0.3 per class). For every run, LocalModelEval evaluates
 each worker's own model on the whole validation set every epoch and on the test set at the end of training (before
 the final consensus), next to the consensus model that validation/test see. Compared against DDP on the same shards.
@@ -135,7 +135,7 @@ def report(root: Path, out: Path) -> None:
         ax.set_xticks(range(len(all_ps)))
         ax.set_xticklabels([f"{p:g}" for p in all_ps])
         ax.set_xlabel("gossip probability p")
-        ax.set_ylabel("test accuracy after 30 epochs")
+        ax.set_ylabel("test accuracy after 20 epochs")
         ax.set_title(f"{split}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from experiments.claims import equivalence, exploration
-from experiments.claims.common import expected_jobs, read_curves
+from experiments.claims.common import expected_jobs, job_overrides, read_curves
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +50,9 @@ def cfg(split="iid", batch=16, p=None, topology="random"):
 
 def test_expected_jobs_and_curves(tmp_path):
     assert expected_jobs(["experiment=x", "seed=1,2", "strategy.p=0,0.1,1", "hydra.sweep.dir=a,b"]) == 6
+    # Hydra's order: a product with the first override outermost
+    assert job_overrides(["e=x", "seed=1,2", "p=0,1"]) == [["e=x", "seed=1", "p=0"], ["e=x", "seed=1", "p=1"],
+                                                           ["e=x", "seed=2", "p=0"], ["e=x", "seed=2", "p=1"]]
     fake_job(tmp_path / "0", "GossipStrategy", cfg(p=0.1), 0.9)
     curves = read_curves(tmp_path / "0")
     assert curves["val/acc"] == pytest.approx({0: 0.3, 1: 0.6, 2: 0.9})

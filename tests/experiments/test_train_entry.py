@@ -126,3 +126,18 @@ def test_spawn_and_popen_launchers_give_the_same_model(tmp_path):
         results.append(json.loads((run_dir / "results.json").read_text())["metrics"])
     assert results[0]["test/acc"] == results[1]["test/acc"]
     assert results[0]["test/loss"] == pytest.approx(results[1]["test/loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_crashed_job_does_not_poison_the_next_one(tmp_path):
+    """Job 0 loses a worker mid-training (mid-exchange, p=1); job 1 of the same multirun must still run normally."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train(["-m", *TINY, "strategy.p=1", "trainer.limit_train_batches=8",
+                      "+callbacks.crash._target_=tests.experiments.crash.KillRankAtStep",
+                      "+callbacks.crash.at_step=3,1000", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=400)
+    assert proc.returncode != 0  # Hydra reports the failed job at the end of the sweep
+    output = proc.stdout + proc.stderr
+    assert "Worker processes failed (" in output and "rank 1: exit code 3" in output  # names the lost rank
+    assert not (sweep_dir / "0" / "results.json").exists()
+    result = json.loads((sweep_dir / "1" / "results.json").read_text())
+    assert result["global_step"] == 8 and result["gossip_counters"]["messages_sent"] == 8
