@@ -50,9 +50,10 @@ def label_skew_partition(
     """Assign every sample to one worker so that the workers' label distributions differ.
 
     With ``classes_per_worker=k`` each worker gets samples of k classes only (class c is split evenly among the
-    workers that hold it; ``k * world_size`` must cover every class); otherwise each class is split over the workers in Dirichlet(alpha) proportions (small
-    alpha: strong skew; large alpha: close to IID). Every worker gets at least one sample. The result depends only
-    on (labels, world_size, seed, alpha, classes_per_worker), so every rank computes the same partition.
+    workers that hold it; ``k * world_size`` must cover every class); otherwise each class is split over the
+    workers in Dirichlet(alpha) proportions (small alpha: strong skew; large alpha: close to IID). Every worker gets
+    at least one sample. The result depends only on (labels, world_size, seed, alpha, classes_per_worker), so every
+    rank computes the same partition.
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
@@ -403,7 +404,8 @@ class ImageFolderDataModule(ShardedDataModule):
         if not self.path:
             raise FileNotFoundError(
                 "data=image_folder needs a local dataset: pass data.path=/path/to/images (an ImageFolder tree "
-                "path/<class>/<image>) or the extracted CIFAR-10 python batches (data.path=/path/to/cifar-10-batches-py)."
+                "path/<class>/<image>) or the extracted CIFAR-10 python batches "
+                "(data.path=/path/to/cifar-10-batches-py)."
                 " Nothing is downloaded."
             )
         root = Path(os.path.expanduser(str(self.path))).resolve()
@@ -477,7 +479,9 @@ class ImageFolderDataModule(ShardedDataModule):
                 x = x.mean(1, keepdims=True).astype(np.uint8)
                 test = (test[0].mean(1, keepdims=True).astype(np.uint8), test[1]) if test else None
             if tuple(x.shape[2:]) != self.image_size:
-                raise ValueError(f"CIFAR-10 images are 32x32; set data.image_size=[32,32] (got {list(self.image_size)}).")
+                raise ValueError(
+                    f"CIFAR-10 images are 32x32; set data.image_size=[32,32] (got {list(self.image_size)})."
+                )
         elif (root / "train").is_dir():
             x, y, self.class_names = self._read_tree(root / "train")
             if (root / "test").is_dir():

@@ -338,7 +338,8 @@ def _print_summary(result: dict[str, Any]) -> None:
         lines.append(f"Test accuracy of the {which} ({result['strategy']}, {result['num_devices']} worker(s)): "
                      f"{metrics['test/acc']:.4f}   (test/loss {metrics.get('test/loss', float('nan')):.4f})")
     if "val/acc" in metrics:
-        lines.append(f"Final val/acc {metrics['val/acc']:.4f}; best val/acc {metrics.get('val/acc_best', float('nan')):.4f}")
+        best = metrics.get("val/acc_best", float("nan"))
+        lines.append(f"Final val/acc {metrics['val/acc']:.4f}; best val/acc {best:.4f}")
     lines.append(f"Epochs {result['epochs']}, steps {result['global_step']} per worker, {result['runtime_s']:.1f} s")
     if "gossip_counters" in result:
         c = result["gossip_counters"]
@@ -355,7 +356,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def _worker_main(path: str) -> None:
-    """Ranks 1..M-1: run the job's resolved config without Hydra (no argv parsing, no output folders)."""
+    """A worker process (any rank): run the job's resolved config without Hydra (no argv parsing, no folders)."""
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
     run(cfg)

@@ -62,7 +62,7 @@ def run_sweep(name: str, overrides: Sequence[str], root: Path, log: Path, force:
     missing = [i for i in range(len(all_jobs)) if force or not (sweep_dir / str(i) / "results.json").exists()]
     start = time.time()
     if not missing:
-        print(f"[{name}] all {len(all_jobs)} jobs finished before in {sweep_dir}; skipping (--force reruns)", flush=True)
+        print(f"[{name}] all {len(all_jobs)} jobs finished before in {sweep_dir}; skipping", flush=True)
         return sweep_dir
     if len(missing) == len(all_jobs):
         print(f"[{name}] running {len(all_jobs)} job(s): {shell(cmd)}", flush=True)
@@ -70,7 +70,8 @@ def run_sweep(name: str, overrides: Sequence[str], root: Path, log: Path, force:
     else:
         code = 0
         for i in missing:
-            job_cmd = [sys.executable, "-m", "lightning_gossip.train", *all_jobs[i], f"hydra.run.dir={sweep_dir / str(i)}"]
+            job_cmd = [sys.executable, "-m", "lightning_gossip.train", *all_jobs[i],
+                       f"hydra.run.dir={sweep_dir / str(i)}"]
             print(f"[{name}] rerunning job {i}: {shell(job_cmd)}", flush=True)
             code = code or _run(job_cmd, out_file)
     still = [i for i in range(len(all_jobs)) if not (sweep_dir / str(i) / "results.json").exists()]

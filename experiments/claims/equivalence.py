@@ -96,7 +96,8 @@ def report(root: Path, out: Path) -> None:
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Equivalence on digits (MLP): gossip M={M} x b={B} vs 1 worker x {M * B} vs DDP; same lr, same epochs")
+    fig.suptitle(f"Equivalence on digits (MLP): gossip M={M} x b={B} vs 1 worker x {M * B} vs DDP; "
+                 "same lr, same epochs")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
@@ -153,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/claims/equivalence")
     parser.add_argument("--runs", type=Path, default=REPO / "logs/claims/equivalence")
-    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--force", action="store_true", help="rerun sweeps that finished before")
     args = parser.parse_args()

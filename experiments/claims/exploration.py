@@ -29,7 +29,8 @@ def sweeps(seeds: str) -> dict[str, list[str]]:
     base = ["experiment=claims_exploration", f"seed={seeds}", "data.split=iid,label_skew"]
     return {
         "random": [*base, "strategy.topology=random", "strategy.p=" + ",".join(f"{p:g}" for p in P_RANDOM)],
-        "topology": [*base, "strategy.topology=ring,exponential", "strategy.p=" + ",".join(f"{p:g}" for p in P_TOPOLOGY)],
+        "topology": [*base, "strategy.topology=ring,exponential",
+                     "strategy.p=" + ",".join(f"{p:g}" for p in P_TOPOLOGY)],
         "ddp": [*base, "strategy=ddp"],
     }
 
@@ -58,10 +59,10 @@ def report(root: Path, out: Path) -> None:
     ps = [p for p in P_RANDOM if p > 0]
     fig, axes = plt.subplots(len(SPLITS), len(ps), figsize=(5.2 * len(ps), 4.0 * len(SPLITS)), squeeze=False)
     for i, split in enumerate(SPLITS):
-        ddp = find(results, split, "ddp", None)
+        ddp = sorted(find(results, split, "ddp", None), key=lambda r: r.get("seed", 0))
         for j, p in enumerate(ps):
             ax = axes[i][j]
-            runs = find(results, split, "random", p)
+            runs = sorted(find(results, split, "random", p), key=lambda r: r.get("seed", 0))
             if runs:
                 c = runs[0]["curves"]
                 ranks = sorted(k for k in c if k.startswith("local/acc_rank"))
@@ -84,7 +85,8 @@ def report(root: Path, out: Path) -> None:
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Exploration on digits (MLP, 4 workers x 16): consensus vs the workers' own models vs DDP")
+    fig.suptitle("Exploration on digits (MLP, 4 workers x 16): consensus vs the workers' own models vs DDP "
+                 f"(seed {runs[0].get('seed') if runs else '?'})")
     fig.tight_layout()
     fig.savefig(out / "local_vs_consensus.png", dpi=100)
     plt.close(fig)
@@ -102,7 +104,8 @@ def report(root: Path, out: Path) -> None:
             xs = sorted(c)
             ls = {"random": "-", "ring": "--", "exponential": ":"}[topology]
             color = cmap({0.0: 0.0, 0.01: 0.3, 0.1: 0.6, 0.5: 0.9}.get(p, 0.5))
-            ax.plot([x + 1 for x in xs], [max(c[x], 1e-12) for x in xs], ls=ls, color=color, label=f"{topology}, p={p:g}")
+            ax.plot([x + 1 for x in xs], [max(c[x], 1e-12) for x in xs], ls=ls, color=color,
+                    label=f"{topology}, p={p:g}")
         ax.set_yscale("log")
         ax.set_title(f"consensus distance (1/M) Σ‖x_i − x̄‖², {split}", fontsize=10)
         ax.set_xlabel("epoch")
@@ -176,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "experiments/results/claims/exploration")
     parser.add_argument("--runs", type=Path, default=REPO / "logs/claims/exploration")
-    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--force", action="store_true", help="rerun sweeps that finished before")
     args = parser.parse_args()

@@ -25,7 +25,8 @@ def fake_job(job_dir: Path, strategy: str, config: dict, test_acc: float, local:
     if gossip:
         metrics["gossip/consensus_distance"] = 0.01
     result = {"metrics": metrics, "strategy": strategy, "gossip": gossip, "world_size": 4, "global_step": 20 * epochs,
-              "runtime_s": 10.0, "config": config, "gossip_counters": {"messages_sent": 6} if gossip else None}
+              "runtime_s": 10.0, "seed": 1, "config": config,
+              "gossip_counters": {"messages_sent": 6} if gossip else None}
     (job_dir / "results.json").write_text(json.dumps(result))
     (job_dir / "csv").mkdir()
     cols = ["epoch", "step", "val/acc", "val/loss", "train/loss", "gossip/consensus_distance", "local/acc_rank0",

@@ -31,7 +31,9 @@ def run_train(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Co
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
 
 
 def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
