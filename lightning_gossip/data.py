@@ -195,6 +195,9 @@ class ShardedDataModule(pl.LightningDataModule):
     def load(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Cheap checks (a local path exists, ...) that the entry point runs before it starts any worker process."""
+
     # -- rank helpers --------------------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -399,6 +402,9 @@ class ImageFolderDataModule(ShardedDataModule):
         self.split_seed = split_seed
         self.max_per_class = max_per_class
         self.class_names: list[str] = []
+
+    def check(self) -> None:
+        self._root()
 
     def _root(self) -> Path:
         if not self.path:

@@ -279,6 +279,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
         world_size = WorkerProcesses.world_size_if_needed(cfg)
         if world_size:
+            _check_data(cfg)  # a missing dataset path fails here, before any worker process starts
             result = WorkerProcesses(cfg, Path(cfg.paths.output_dir), world_size).run()
             hydra_info = _hydra_info()
             if hydra_info:  # the workers run without Hydra: add what only this process knows
@@ -286,6 +287,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 (Path(cfg.paths.output_dir) / RESULTS_FILE).write_text(json.dumps(result, indent=2, default=str))
             return result["metrics"]
     return _fit_and_test(cfg)
+
+
+def _check_data(cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
+    check = getattr(instantiate(cfg.data), "check", None)
+    if callable(check):
+        check()
 
 
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:

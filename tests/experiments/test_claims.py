@@ -100,6 +100,7 @@ def test_local_model_eval_in_a_real_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_gossip.train", "experiment=claims_exploration", "trainer=debug",
+         "trainer.max_epochs=1",  # the preset sets 20 epochs after the trainer group
          "trainer.limit_val_batches=null", "data.split=label_skew", "strategy.p=0.5", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]

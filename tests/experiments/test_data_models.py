@@ -136,6 +136,9 @@ def test_image_folder_tree_and_cifar_batches(tmp_path):
         ImageFolderDataModule(path=str(tmp_path / "missing")).setup("fit")
     with pytest.raises(FileNotFoundError, match="data.path"):
         ImageFolderDataModule(path=None).setup("fit")
+    with pytest.raises(FileNotFoundError, match="not a directory"):  # the entry point's check before launching
+        ImageFolderDataModule(path=str(tmp_path / "missing")).check()
+    DigitsDataModule().check()  # nothing to check
 
 
 def test_networks():

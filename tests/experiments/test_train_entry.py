@@ -115,6 +115,7 @@ def test_missing_dataset_fails_fast_with_a_clear_error(tmp_path):
                      cwd=tmp_path, timeout=180)
     assert proc.returncode != 0
     assert "is not a directory" in proc.stderr and str(missing) in proc.stderr
+    assert "starting 2 worker processes" not in proc.stdout + proc.stderr  # failed before starting any
 
 
 @pytest.mark.slow
