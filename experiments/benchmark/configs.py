@@ -30,6 +30,11 @@ def local_sgd(h: int) -> dict[str, Any]:
     return {"name": f"local_sgd_h{h}", "kind": "gossip", "p": 0.0, "average_every": h}
 
 
+def longer(cfg: dict[str, Any], factor: int) -> dict[str, Any]:
+    """The same config run for ``factor`` times the steps (to see when it reaches a target in wall-clock time)."""
+    return {**cfg, "name": cfg["name"] + f"_{factor}xsteps", "steps_factor": factor}
+
+
 def nosync(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same config without Lightning's per-step SIGTERM broadcast from rank 0 (see worker.py)."""
     return {**cfg, "name": cfg["name"] + "_nosync", "sigterm_sync": False}
@@ -42,6 +47,11 @@ class Scenario:
     configs: list[dict[str, Any]]
     straggler: Optional[dict[str, Any]] = None
     netns: bool = False  # run inside namespaces (rate_mbit=None there means: namespaces, no limit)
+    repeats: Optional[int] = None  # None: the mode's
+    batch_size: Optional[int] = None  # None: the mode's
+    # Emulated compute: every rank sleeps this long per step (on top of a small real step), so CPU contention on a
+    # small machine stops hiding lock-step effects; accuracy is then not comparable with the other scenarios.
+    emulate_compute_ms: Optional[float] = None
 
 
 @dataclass
@@ -76,9 +86,10 @@ def full_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor
     sweep = [
         gossip(0.1, "ring", overlap=True), gossip(0.1, "exponential", overlap=True),
         gossip(0.03, overlap=True), gossip(0.3, overlap=True), gossip(1.0, overlap=True),
+        gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16)),  # the bounded-staleness prototype
     ]
     straggle = [FLOOR, DDP, local_sgd(h), gossip(0.1), gossip(0.1, overlap=True),
-                nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True))]
+                nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)), nosync(gossip(0.1, staleness=16))]
     lag = {"rank": workers - 1, "factor": straggler_factor}
     mode.scenarios.append(Scenario("loopback", None, core + sweep))
     mode.scenarios.append(Scenario(f"loopback_straggler{straggler_factor:g}x", None, straggle, straggler=lag))
@@ -99,16 +110,57 @@ def quick_mode(workers: int, netns_ok: bool, rates: list[float], straggler_facto
         mode.scenarios.append(Scenario("loopback", None, [FLOOR, GOSSIP_P0, DDP, gossip(0.5), nosync(GOSSIP_P0)]))
         return mode
     mode = Mode("quick", workers, steps=150, warmup=10, snapshot_every=25, batch_size=32, lr=0.05,
-                model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10, repeats=2)
+                model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10, repeats=3)
     configs = [
         FLOOR, GOSSIP_P0, DDP, local_sgd(mode.local_sgd_h),
         gossip(0.5), gossip(0.5, overlap=True), gossip(0.5, dtype="bfloat16"), gossip(0.5, per_tensor=True),
         gossip(0.1, overlap=True),
-        nosync(GOSSIP_P0), nosync(gossip(0.5)), nosync(gossip(0.5, overlap=True)),
+        nosync(GOSSIP_P0), nosync(gossip(0.5)), nosync(gossip(0.5, overlap=True)), nosync(gossip(0.5, staleness=4)),
     ]
     mode.scenarios.append(Scenario("loopback", None, configs))
     if netns_ok:  # only when asked for (--network netns|auto in quick mode)
         for rate in rates:
             mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, [FLOOR, DDP, gossip(0.5), gossip(0.5, overlap=True)],
                                            netns=True))
+    return mode
+
+
+SUITES = ("full", "overhead", "straggler", "tta")
+
+
+def overhead_suite(workers: int) -> Mode:
+    """The p = 0 and overlap overhead targets: loopback, short runs, 3 interleaved repeats (the fastest counts)."""
+    mode = Mode("overhead", workers, steps=150, warmup=20, snapshot_every=50, batch_size=32, lr=0.05,
+                model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, repeats=3, single=False)
+    configs = [FLOOR, GOSSIP_P0, nosync(GOSSIP_P0), gossip(0.1, overlap=True), nosync(gossip(0.1, overlap=True)),
+               nosync(gossip(0.1)), nosync(gossip(0.1, staleness=16))]
+    mode.scenarios.append(Scenario("loopback", None, configs))
+    return mode
+
+
+def straggler_suite(workers: int, netns_ok: bool, rate: float, factor: float, emulate_ms: float = 40.0) -> Mode:
+    """Lock-step against a straggler with compute emulated by sleeping, so 2 shared cores do not hide it."""
+    mode = Mode("straggler", workers, steps=200, warmup=20, snapshot_every=50, batch_size=8, lr=0.05,
+                model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
+    configs = [FLOOR, DDP, gossip(0.1, overlap=True), nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)),
+               nosync(gossip(0.1, staleness=16))]
+    lag = {"rank": workers - 1, "factor": factor}
+    nets = [(None, "loopback", False)] + ([(rate, f"{rate:g}mbit", True)] if netns_ok else [])
+    for r, name, ns in nets:
+        for strag in (None, lag):
+            label = f"{name}_emulated{emulate_ms:g}ms" + (f"_straggler{factor:g}x" if strag else "")
+            mode.scenarios.append(Scenario(label, r, configs, straggler=strag, netns=ns, emulate_compute_ms=emulate_ms))
+    return mode
+
+
+def tta_suite(workers: int, netns_ok: bool, rate: float) -> Mode:
+    """Time to DDP's final accuracy - 1 point on the slow link, letting gossip use its speed: 2x the steps."""
+    mode = Mode("tta", workers, steps=300, warmup=20, snapshot_every=20, batch_size=32, lr=0.05,
+                model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
+    configs = [DDP, longer(gossip(0.1, overlap=True), 2), longer(nosync(gossip(0.1, overlap=True)), 2),
+               longer(nosync(gossip(0.1, staleness=16)), 2)]
+    if netns_ok:
+        mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, configs, netns=True))
+    else:
+        mode.scenarios.append(Scenario("loopback", None, configs))
     return mode

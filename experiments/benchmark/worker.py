@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -40,6 +41,40 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # no
 
 from experiments.benchmark.common import make_data, make_model  # noqa: E402
 from lightning_gossip import GossipStrategy  # noqa: E402
+
+
+_COLLECTIVES = (
+    "broadcast", "all_reduce", "barrier", "all_gather", "all_gather_object", "gather", "gather_object", "scatter",
+    "reduce", "reduce_scatter", "all_to_all", "broadcast_object_list",
+)
+
+
+class CollectiveCounter:
+    """Counts the Python-level torch.distributed collectives called while ``active`` (deterministic, unlike timings).
+
+    Gossip should need none per step; Lightning's per-step SIGTERM broadcast is one. DDP's gradient all-reduce runs
+    in C++ (the reducer) and is not seen here.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = False
+        for name in _COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is not None:
+                setattr(dist, name, self._wrap(original))
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self.active:
+                self.count += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+COLLECTIVES = CollectiveCounter()
 
 
 class BenchModule(L.LightningModule):
@@ -94,6 +129,11 @@ class Recorder(Callback):
         self.sleep_s = 0.0
         self.compute_s: Optional[float] = None
         self.last_counters: dict[str, int] = {}
+        self.emulate_s = float(run.get("emulate_compute_ms") or 0.0) / 1e3
+        self.gossip_step_s: list[float] = []
+        self.cpu_end: list[float] = []
+        self.collectives: Optional[int] = None
+        self.broadcast_s: list[float] = []
         self.tx_last: Optional[int] = None
 
     def _weight(self, trainer: L.Trainer) -> float:
@@ -122,30 +162,64 @@ class Recorder(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.run.get("sigterm_sync", True) is False:
             disable_sigterm_broadcast(trainer)
+        self._time_calls(trainer)
         straggler = self.run.get("straggler")
-        if straggler:
+        # The process's own rank: a `floor` run's Trainer is single-device, so trainer.global_rank is 0 everywhere.
+        rank = int(os.environ.get("RANK", 0))
+        if straggler and self.emulate_s:
+            # Emulated compute: the straggler's step takes `factor` times the emulated time.
+            if rank == int(straggler["rank"]):
+                self.sleep_s = (float(straggler["factor"]) - 1.0) * self.emulate_s
+        elif straggler:
             # Every rank calibrates (so the CPU contention is the same for all); only the straggler sleeps.
             self.compute_s = self._calibrate(pl_module)
-            if trainer.global_rank == int(straggler["rank"]):
+            if rank == int(straggler["rank"]):
                 self.sleep_s = (float(straggler["factor"]) - 1.0) * self.compute_s
         self.tx_start = _tx_bytes()
         self._snapshot(trainer, pl_module, 0)
 
+    def _time_calls(self, trainer: L.Trainer) -> None:
+        """Time, in-process, the gossip step and Lightning's per-step broadcast: attribution robust to CPU noise."""
+        averager = getattr(trainer.strategy, "averager", None)
+        if averager is not None:
+            gossip_step = averager.step
+
+            def timed_gossip_step() -> None:
+                t = time.perf_counter()
+                gossip_step()
+                self.gossip_step_s.append(time.perf_counter() - t)
+
+            averager.step = timed_gossip_step  # an instance attribute shadows the method
+        loop = trainer.fit_loop.epoch_loop
+        broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if broadcast is not None and trainer.world_size > 1 and self.run.get("sigterm_sync", True):
+
+            def timed_broadcast() -> None:
+                t = time.perf_counter()
+                broadcast()
+                self.broadcast_s.append(time.perf_counter() - t)
+
+            loop._broadcast_sigterm_tensor = timed_broadcast
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
+        if self.sleep_s + self.emulate_s:
+            time.sleep(self.sleep_s + self.emulate_s)
         self.step_start.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step_end.append(time.perf_counter())
+        self.cpu_end.append(time.process_time())  # CPU time of this process (all its threads)
         step = trainer.global_step
         if step == self.warmup:
             self.window_counters = _counters(trainer)
             self.window_tx = _tx_bytes()
+            COLLECTIVES.count, COLLECTIVES.active = 0, True
         if step == int(self.run["steps"]):
             # The end of the timed window: before the final consensus that ``fit`` runs in on_train_end.
             self.last_counters = _counters(trainer)
             self.tx_last = _tx_bytes()
+            COLLECTIVES.active = False
+            self.collectives = COLLECTIVES.count
         if step % self.snapshot_every == 0 or step == int(self.run["steps"]):
             self._snapshot(trainer, pl_module, step)
 
@@ -243,8 +317,12 @@ def run_one(run: dict, plan: dict, rank: int, world_size: int, out_dir: str) -> 
         "rank": rank,
         "world_size": world_size,
         "kind": run["kind"],
+        "steps": int(run["steps"]),
+        "batch_size": batch_size,
         "step_start": recorder.step_start,
         "step_end": recorder.step_end,
+        "cpu_end": recorder.cpu_end,
+        "collectives": recorder.collectives,
         "fit_end": t_end,
         "counters": recorder.last_counters or counters,
         "window_counters": recorder.window_counters,
@@ -256,6 +334,8 @@ def run_one(run: dict, plan: dict, rank: int, world_size: int, out_dir: str) -> 
         "tx_last": recorder.tx_last,
         "tx_end": tx_end,
         "compute_s": recorder.compute_s,
+        "gossip_step_s": recorder.gossip_step_s,
+        "broadcast_s": recorder.broadcast_s,
         "sleep_s": recorder.sleep_s,
         "snapshots": recorder.snapshots,
         "final": {
