@@ -49,7 +49,8 @@ def test_smoke_writes_results_with_the_schema(smoke):
     assert all(v > 0 for k, v in results["ratios"].items() if not k.endswith("collectives_per_step"))
     md = (out / "results.md").read_text()
     assert "ddp" in md and results["machine"]["cpu_model"] in md and results["machine"]["torch"] in md
-    for png in ("throughput_vs_bandwidth.png", "throughput_vs_p.png", "tta_vs_bandwidth.png", "tta_vs_p.png"):
+    # (the plots against p need a sweep over p, which the smoke run does not have)
+    for png in ("throughput_vs_bandwidth.png", "tta_vs_bandwidth.png", "accuracy_vs_time_loopback.png"):
         assert (out / png).stat().st_size > 1000
 
 
