@@ -12,7 +12,7 @@ class GossipMonitor(Callback):
     """Logs this rank's gossip weight, messages and bytes every step, and the consensus distance every epoch.
 
     The per-step values are those of the logging rank (rank 0), as Lightning logs them; ``gossip/consensus_distance``
-    is (1/M) sum_i ||x_i - x_bar||^2 over all ranks, computed with a collective at the end of each training epoch
+    is (1/M) sum_i ||x_i - x_bar||^2 over all ranks, computed with a collective at the last batch of each training epoch
     (before the final consensus of ``fit``). :class:`~lightning_gossip.GossipStrategy` adds one automatically.
     """
 
@@ -26,7 +26,9 @@ class GossipMonitor(Callback):
         strategy = trainer.strategy
         return strategy if isinstance(strategy, GossipStrategy) and strategy.averager is not None else None
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         strategy = self._gossip_strategy(trainer)
         if strategy is None:
             return
@@ -39,12 +41,15 @@ class GossipMonitor(Callback):
             "gossip/bytes_received": float(counters.bytes_received),
             "gossip/messages_rejected": float(counters.messages_rejected),
         }
+        if self.log_consensus_distance and strategy.world_size > 1 and self._last_batch_of_epoch(trainer, batch_idx):
+            # A collective, run here on every rank at the same step. Not in on_train_epoch_end: there Lightning's
+            # progress bar computes epoch metrics (e.g. torchmetrics syncs) on rank 0 only, and two collectives in
+            # different orders on different ranks deadlock. The value is already global, so it is logged as a step
+            # value, with no epoch-level reduction.
+            metrics["gossip/consensus_distance"] = strategy.averager.consensus_distance()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        strategy = self._gossip_strategy(trainer)
-        if strategy is None or not self.log_consensus_distance or strategy.world_size == 1:
-            return
-        distance = strategy.averager.consensus_distance()  # a collective: this hook runs on every rank
-        # Identical on every rank already; sync_dist only keeps Lightning's epoch-level bookkeeping consistent.
-        pl_module.log("gossip/consensus_distance", distance, on_step=False, on_epoch=True, sync_dist=True)
+    @staticmethod
+    def _last_batch_of_epoch(trainer: "pl.Trainer", batch_idx: int) -> bool:
+        # Every rank has a shard of the same length, so this is decided identically everywhere.
+        return bool(trainer.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches
