@@ -484,7 +484,8 @@ def write_markdown(results: dict, path: str) -> None:
                 f"| {r['config']} | {r['samples_per_s']:.0f} | {r['time_per_step_ms']:.1f} | "
                 f"{r['median_step_ms']:.1f} | {_fmt(r.get('cpu_ms_per_step'))} | "
                 f"{_fmt(r.get('collectives_per_step'), '.2f')} | {_fmt(r.get('gossip_step_ms'), '.2f')} | "
-                f"{_fmt(r.get('lightning_broadcast_ms'), '.2f')} | {r['epoch_s']:.1f} | {_fmt_bytes(r['bytes_per_step'])} | {src} | "
+                f"{_fmt(r.get('lightning_broadcast_ms'), '.2f')} | {r['epoch_s']:.1f} | "
+                f"{_fmt_bytes(r['bytes_per_step'])} | {src} | "
                 f"{_fmt_bytes(r.get('wire_bytes_per_step'))} | {r['final_acc']:.3f} | "
                 f"{_fmt(r.get('time_to_target_s'))} | {r['train_s']:.1f} |")
         if any(r.get("straggler") for r in rows):
@@ -493,7 +494,8 @@ def write_markdown(results: dict, path: str) -> None:
             for r in rows:
                 if r.get("status") == "ok":
                     per = ", ".join(f"{t:.0f}" for t in r["per_rank_step_ms"])
-                    lines.append(f"- {r['config']}: [{per}], async bound {r['async_bound_samples_per_s']:.0f} samples/s")
+                    bound = r["async_bound_samples_per_s"]
+                    lines.append(f"- {r['config']}: [{per}], async bound {bound:.0f} samples/s")
         lines.append("")
     lines += ["## Speed work: before / after", "",
               "| scenario | change | before (ms/step median) | after | speed-up |", "|---|---|---|---|---|"]
@@ -541,7 +543,8 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
 
     rows = _rows(results)
     stamp = stamp_line(results["machine"])
-    title_suffix = f"({results['settings']['workers']} workers, {results['settings']['model_params'] / 1e6:.2f}M params)"
+    settings = results["settings"]
+    title_suffix = f"({settings['workers']} workers, {settings['model_params'] / 1e6:.2f}M params)"
     plain = [s for s in results["scenarios"] if not s.get("straggler")]
     # bandwidth axis: slowest first, loopback last
     plain.sort(key=lambda s: s["rate_mbit"] if s.get("rate_mbit") else float("inf"))
@@ -634,7 +637,8 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         shown = 0
         for fam in ("single", "ddp", "gossip_p0.1_random_blocking", "gossip_p0.1_random_overlap",
-                    "gossip_p0.5_random_blocking", "local_sgd_h16", "local_sgd_h10", "floor", "gossip_p1_random_overlap"):
+                    "gossip_p0.5_random_blocking", "local_sgd_h16", "local_sgd_h10", "floor",
+                    "gossip_p1_random_overlap"):
             r = rows.get((s["name"], fam)) or (rows.get(("single", "single")) if fam == "single" else None)
             if r is None:
                 continue

@@ -88,7 +88,7 @@ def launch(network: Any, world_size: int, plan: dict, out_dir: str, log_dir: str
             env.update(
                 OMP_NUM_THREADS="1",
                 MKL_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                PYTHONPATH=os.pathsep.join([REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]),
                 PYTHONWARNINGS="ignore",
                 BENCH_IFNAME=network.IFNAME,
             )
