@@ -73,6 +73,10 @@ class GossipStrategy(DDPStrategy):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
+        sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
+            global synchronisation that ties every rank to every other each step and, on slow links, queues behind
+            gossip messages. Gossip does it only every this many steps (so a SIGTERM still stops all ranks within
+            that many steps); ``None`` never does.
         timeout: process-group timeout; a peer that stops answering turns into a :class:`GossipPeerError` naming
             it after this long instead of a hang (a peer that dies is usually reported at once).
 
@@ -100,6 +104,7 @@ class GossipStrategy(DDPStrategy):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         monitor: bool = True,
+        sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -113,6 +118,12 @@ class GossipStrategy(DDPStrategy):
         check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite)
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}.")
+        if sigterm_sync_every is not None and (
+            isinstance(sigterm_sync_every, bool) or not isinstance(sigterm_sync_every, int) or sigterm_sync_every < 1
+        ):
+            raise ValueError(
+                f"sigterm_sync_every must be None or an integer >= 1 (steps), got {sigterm_sync_every!r}."
+            )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be None or an int, got {seed!r}.")
         if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
@@ -140,6 +151,7 @@ class GossipStrategy(DDPStrategy):
         self.final_consensus = final_consensus
         self.on_nonfinite = on_nonfinite
         self.monitor = monitor
+        self.sigterm_sync_every = sigterm_sync_every
         self.averager: Optional[GossipAverager] = None
         self._resume_state: Optional[dict[str, Any]] = None
         self._resume_step: Optional[int] = None  # resuming onto a different number of workers: the schedule position
@@ -223,6 +235,7 @@ class GossipStrategy(DDPStrategy):
         if fitting:
             # No DistributedDataParallel wrapper: that is where DDP's gradient all-reduce lives.
             self._setup_averager()
+            self._throttle_sigterm_broadcast(trainer)
             self.setup_optimizers(trainer)
         elif self.averager is not None:
             # Evaluating after this process already trained: each rank keeps the model gossip left it with, and
@@ -262,6 +275,26 @@ class GossipStrategy(DDPStrategy):
         elif self._resume_step is not None:
             self.averager.step_count = self._resume_step
         self._resume_step = None
+
+    def _throttle_sigterm_broadcast(self, trainer: "pl.Trainer") -> None:
+        """Run Lightning's per-step SIGTERM broadcast only every ``sigterm_sync_every`` gossip steps.
+
+        The gossip step count is the same on every rank before each training step, so the broadcast stays a matched
+        collective. Lightning versions without the per-step broadcast are left alone.
+        """
+        loop = trainer.fit_loop.epoch_loop
+        original = getattr(type(loop), "_broadcast_sigterm_tensor", None)
+        if original is None:
+            return
+        every = self.sigterm_sync_every
+
+        def throttled() -> None:
+            if every is not None and self.gossip_step % every == 0:
+                throttled.broadcasts += 1  # type: ignore[attr-defined]
+                original(loop)
+
+        throttled.broadcasts = 0  # type: ignore[attr-defined]
+        loop._broadcast_sigterm_tensor = throttled
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
