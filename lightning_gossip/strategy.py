@@ -40,7 +40,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipScheduleError
-from lightning_gossip.gossip.averager import check_gossip_options
+from lightning_gossip.gossip.averager import check_gossip_options, resolve_staleness
 from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
@@ -64,7 +64,12 @@ class GossipStrategy(DDPStrategy):
             with a ``peer(rank, world_size, step, u) -> int`` method.
         seed: seeds the gossip schedule; ``None`` takes Lightning's global seed (``seed_everything``) or 0.
         mix_buffers: gossip floating-point buffers (BatchNorm running statistics) too.
-        overlap: mix step t's messages in after step t+1's optimizer step, so transfers hide behind compute.
+        overlap: mix step t's messages in after step t+1's optimizer step, so transfers hide behind compute
+            (the same as ``staleness=1``).
+        staleness: bounded staleness K: mix step t's messages in after step t+K's optimizer step, so a transfer
+            slower than one step (a large model on a slow link) hides behind K steps of compute. ``None`` follows
+            ``overlap`` (0 or 1). Deterministic and resumable like the other modes; the mixed-in models are K steps
+            old, which costs some accuracy as K grows.
         average_every: an exact global average every this many steps (Gossip-PGA); ``None`` for never.
         transfer_dtype: ``None`` (the model's dtype), ``"bfloat16"`` or ``"float16"`` on the wire.
         eval_mode: ``"consensus"`` evaluates (validate/test/predict) the exact average of all ranks, put in place
@@ -98,6 +103,7 @@ class GossipStrategy(DDPStrategy):
         seed: Optional[int] = None,
         mix_buffers: bool = True,
         overlap: bool = False,
+        staleness: Optional[int] = None,
         average_every: Optional[int] = None,
         transfer_dtype: Optional[str] = None,
         eval_mode: Literal["consensus", "local"] = "consensus",
@@ -115,7 +121,7 @@ class GossipStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         # Everything that can be checked without a model or a process group is checked here, before any spawn.
-        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite)
+        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite, overlap, staleness)
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}.")
         if sigterm_sync_every is not None and (
@@ -144,7 +150,8 @@ class GossipStrategy(DDPStrategy):
         self.topology = resolve_topology(topology)
         self.seed = seed
         self.mix_buffers = mix_buffers
-        self.overlap = overlap
+        self.staleness = resolve_staleness(overlap, staleness)
+        self.overlap = self.staleness > 0
         self.average_every = average_every
         self.transfer_dtype = transfer_dtype
         self.eval_mode = eval_mode
@@ -263,7 +270,7 @@ class GossipStrategy(DDPStrategy):
             topology=self.topology,
             seed=seed,
             mix_buffers=self.mix_buffers,
-            overlap=self.overlap,
+            staleness=self.staleness,
             average_every=self.average_every,
             transfer_dtype=self.transfer_dtype,
             on_nonfinite=self.on_nonfinite,

@@ -46,7 +46,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ctx = mp.get_context(START_METHOD)
     queue = ctx.SimpleQueue()
     context = mp.start_processes(
-        _worker, args=(world_size, free_port(), fn, args, queue), nprocs=world_size, join=False, start_method=START_METHOD
+        _worker,
+        args=(world_size, free_port(), fn, args, queue),
+        nprocs=world_size,
+        join=False,
+        start_method=START_METHOD,
     )
     try:
         deadline = time.monotonic() + timeout

@@ -251,17 +251,13 @@ def build_strategy(run: dict, world_size: int):
             topology=run.get("topology", "random"),
             seed=int(run.get("seed", 0)),
             overlap=bool(run.get("overlap", False)),
+            staleness=run.get("staleness"),
             average_every=run.get("average_every"),
             transfer_dtype=run.get("transfer_dtype"),
             monitor=False,  # no per-step logging and no per-epoch consensus-distance all-reduce in a benchmark
             final_consensus=True,
             process_group_backend="gloo",
         )
-        if run.get("staleness"):
-            from experiments.benchmark.variants import StaleGossipStrategy
-
-            options.pop("overlap")
-            return StaleGossipStrategy(staleness=int(run["staleness"]), **options)
         if run.get("per_tensor"):
             from experiments.benchmark.variants import PerTensorGossipStrategy
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numbers
+from collections import deque
 from collections.abc import Hashable
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -42,11 +43,37 @@ def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
     )
 
 
+def resolve_staleness(overlap: Any, staleness: Any) -> int:
+    """The number of steps between posting an exchange and mixing it in: 0 blocking, 1 overlapped, K bounded.
+
+    ``overlap=True`` is shorthand for ``staleness=1``; giving both is accepted only when they agree.
+    """
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}.")
+    if staleness is None:
+        return 1 if overlap else 0
+    if isinstance(staleness, bool) or not isinstance(staleness, numbers.Integral) or staleness < 0:
+        raise ValueError(
+            f"staleness must be None or an integer >= 0 (steps between posting an exchange and mixing it in; "
+            f"0 is blocking, 1 is overlap), got {staleness!r}."
+        )
+    if overlap and staleness == 0:
+        raise ValueError("overlap=True means staleness=1, but staleness=0 (blocking) was also given; pass one.")
+    return int(staleness)
+
+
 def check_gossip_options(
-    p: Any, topology: TopologyLike, average_every: Optional[int], transfer_dtype: Any, on_nonfinite: str
+    p: Any,
+    topology: TopologyLike,
+    average_every: Optional[int],
+    transfer_dtype: Any,
+    on_nonfinite: str,
+    overlap: Any = False,
+    staleness: Any = None,
 ) -> None:
     """Validate the options that do not need a model or a process group, so bad input fails before any spawn."""
     check_probability(p)
+    resolve_staleness(overlap, staleness)
     resolve_topology(topology)
     resolve_transfer_dtype(transfer_dtype)
     if average_every is not None and (
@@ -91,7 +118,11 @@ class GossipAverager:
         seed: seeds the shared schedule; must be the same on every rank.
         mix_buffers: also gossip floating-point buffers such as BatchNorm running statistics.
         overlap: post step t's transfers and mix them in after step t+1's optimizer step (one step stale), so
-            communication hides behind computation.
+            communication hides behind computation. The same as ``staleness=1``.
+        staleness: bounded staleness K >= 0: the exchange posted after step t is mixed in after step t+K, so a
+            slow transfer hides behind K steps of computation (0 is blocking, 1 is ``overlap``). Mixing points are
+            fixed by step number, so runs stay deterministic and resumable; mixed-in models are K steps old, and up
+            to K exchanges (K+1 message buffers per sender) are in flight per rank.
         average_every: if set, an exact global average every this many steps (Gossip-PGA; with p=0, Local SGD).
         transfer_dtype: dtype on the wire (``"bfloat16"``/``"float16"`` halve the bytes); the weight stays float64.
         on_nonfinite: what to do with a received message holding NaN/Inf: ``"warn"`` (drop its tensors, keep its
@@ -111,8 +142,9 @@ class GossipAverager:
         transfer_dtype: Any = None,
         on_nonfinite: str = "warn",
         broadcast: bool = True,
+        staleness: Optional[int] = None,
     ) -> None:
-        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite)
+        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite, overlap, staleness)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("GossipAverager needs an initialised default process group (dist.init_process_group).")
         self.module = module
@@ -121,7 +153,8 @@ class GossipAverager:
         self.topology = resolve_topology(topology)
         validate_topology(self.topology, self.world_size)
         self.schedule = GossipSchedule(self.world_size, p, self.topology, seed)
-        self.overlap = overlap
+        self.staleness = resolve_staleness(overlap, staleness)
+        self.overlap = self.staleness > 0
         self.mix_buffers = mix_buffers
         self.average_every = average_every
         self.state = GossipState(
@@ -129,7 +162,8 @@ class GossipAverager:
         )
         self.exchange = GossipExchange(self.state, self.rank, on_nonfinite=on_nonfinite)
         self.step_count = 0
-        self._pending: Optional[PendingExchange] = None
+        # Posted exchanges not mixed in yet, oldest first (at most ``staleness`` of them between steps).
+        self._pending: deque[PendingExchange] = deque()
         check_same_model_on_all_ranks(module, mix_buffers)
         if broadcast:
             self.broadcast_from_rank_zero()
@@ -146,12 +180,12 @@ class GossipAverager:
 
     @property
     def in_flight(self) -> bool:
-        """Whether an overlapped exchange has been posted and not mixed in yet."""
-        return self._pending is not None
+        """Whether an exchange has been posted and not mixed in yet (overlap / bounded staleness)."""
+        return bool(self._pending)
 
     def in_flight_weight(self) -> float:
-        """Weight sent to this rank that it has not mixed in yet (waits for the transfers; nonzero only in overlap)."""
-        return self.exchange.in_flight_weight(self._pending) if self._pending is not None else 0.0
+        """Weight sent to this rank that it has not mixed in yet (waits for the transfers; nonzero only if stale)."""
+        return sum(self.exchange.in_flight_weight(pending) for pending in self._pending)
 
     # -- the algorithm --------------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -159,23 +193,23 @@ class GossipAverager:
         if self.world_size == 1:
             self.step_count += 1
             return
-        # Overlap: step t-1's transfers ran during this step's forward and backward; mix them in now, before
-        # posting step t's (which reuse the same buffers).
-        self.finish()
+        # Staleness K: step t-K's transfers ran during the last K forward and backward passes; mix them in now,
+        # before packing step t's message, so what this rank sends already holds what it received.
+        while self._pending and self.step_count - self._pending[0].step >= self.staleness:
+            self.exchange.complete(self._pending.popleft())
         pending = self.exchange.post(self.schedule.plan(self.step_count))
-        if self.overlap:
-            self._pending = pending
-        else:
+        if self.staleness == 0:
             self.exchange.complete(pending)
+        else:
+            self._pending.append(pending)
         self.step_count += 1
         if self.average_every and self.step_count % self.average_every == 0:
             self.consensus_()
 
     def finish(self) -> None:
-        """Complete any exchange still in flight, so every rank's weight is back in its own a_i."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self.exchange.complete(pending)
+        """Complete every exchange still in flight, so every rank's weight is back in its own a_i."""
+        while self._pending:
+            self.exchange.complete(self._pending.popleft())
 
     def broadcast_from_rank_zero(self) -> None:
         """GoSGD's start: every x_i equals rank 0's, a_i = 1/M."""
@@ -187,9 +221,9 @@ class GossipAverager:
 
     def _mean(self) -> tuple[torch.Tensor, float]:
         in_flight = []
-        if self._pending is not None:
-            self.exchange.wait(self._pending)
-            in_flight = [message for _, message in self._pending.received]
+        for pending in self._pending:
+            self.exchange.wait(pending)
+            in_flight += [message for _, message in pending.received]
         return self.state.weighted_mean(in_flight=in_flight, on_nonfinite=self.exchange.on_nonfinite)
 
     @torch.no_grad()
@@ -237,18 +271,22 @@ class GossipAverager:
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's gossip state, including messages received but not mixed in yet (overlap mode)."""
+        """This rank's gossip state, including messages received but not mixed in yet (overlap / staleness).
+
+        ``in_flight`` lists ``(step, sender, message)``: each waited for, so the checkpoint holds it whole, and
+        mixed in after step ``step + staleness`` of the resumed run, as it would have been without the stop.
+        """
         in_flight = []
-        if self._pending is not None:
-            self.exchange.wait(self._pending)
-            in_flight = [(src, message.cpu().clone()) for src, message in self._pending.received]
+        for pending in self._pending:
+            self.exchange.wait(pending)
+            in_flight += [(pending.step, src, message.cpu().clone()) for src, message in pending.received]
         return {
             "weight": self.state.weight,
             "step": self.step_count,
             "seed": self.schedule.seed,
             "world_size": self.world_size,
+            "staleness": self.staleness,
             "counters": self.counters.as_dict(),
-            "in_flight_step": self._pending.step if self._pending is not None else None,
             "in_flight": in_flight,
         }
 
@@ -261,7 +299,12 @@ class GossipAverager:
         self.state.weight = float(state["weight"])
         self.step_count = int(state["step"])
         self.exchange.counters = GossipCounters(**state.get("counters", {}))
-        self._pending = None
-        if state.get("in_flight_step") is not None:
-            received = [(int(src), message.to(self.state.device)) for src, message in state["in_flight"]]
-            self._pending = PendingExchange(int(state["in_flight_step"]), [], received)
+        # Every saved message arrived whole before the save, so nothing is owed to or by a peer: a resumed run may
+        # even use another staleness (the messages are then mixed in after step ``step + its staleness``).
+        self._pending = deque()
+        for step, src, message in sorted(state["in_flight"], key=lambda entry: (int(entry[0]), int(entry[1]))):
+            if not self._pending or self._pending[-1].step != int(step):
+                self._pending.append(PendingExchange(int(step), []))
+            buffer = message.to(self.state.device)
+            self._pending[-1].received.append((int(src), buffer))
+            self._pending[-1].buffers.append(buffer)

@@ -4,15 +4,16 @@ Every rank knows the step's :class:`~lightning_gossip.gossip.schedule.StepPlan`,
 receives that involve it, as one ``batch_isend_irecv`` call: only the ranks of an exchange wait for each other, and no
 collective runs per step. :meth:`GossipExchange.post` starts the transfers and returns at once;
 :meth:`GossipExchange.complete` waits for them and mixes what arrived. Calling both back to back is the blocking
-(synchronous) mode; calling ``complete`` one step later is the overlapped mode, where the transfer hides behind the
-next forward and backward pass.
+(synchronous) mode; calling ``complete`` K steps later is the overlapped (K = 1) or bounded-staleness mode, where the
+transfer hides behind the next K forward and backward passes. Several exchanges can be in flight at once: each takes
+its message buffers from a pool and gives them back when it is mixed in, and each step's transfers carry their own
+tag, so messages of different steps between the same two ranks can never be matched to each other.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch.distributed as dist
 from torch import Tensor
@@ -20,6 +21,10 @@ from torch import Tensor
 from lightning_gossip.gossip.errors import peer_lost_error
 from lightning_gossip.gossip.schedule import StepPlan
 from lightning_gossip.gossip.state import GossipState
+
+# Point-to-point tags: step modulo this. gloo matches a receive by (peer, tag); NCCL ignores tags and matches in order.
+# Far more distinct tags than exchanges that can be in flight at once (at most ``staleness + 1``).
+TAG_MODULUS = 1 << 20
 
 
 class GossipScheduleError(RuntimeError):
@@ -54,6 +59,8 @@ class PendingExchange:
     received: list[tuple[int, Tensor]] = field(default_factory=list)
     # The peer rank of each posted operation, in the order of ``requests`` (to name a lost peer).
     peers: list[int] = field(default_factory=list)
+    # The message buffers this exchange holds (send and receives); back to the pool once it is mixed in.
+    buffers: list[Tensor] = field(default_factory=list)
 
 
 class GossipExchange:
@@ -73,36 +80,40 @@ class GossipExchange:
         self.on_nonfinite = on_nonfinite
         self.check_finite = check_finite
         self.counters = GossipCounters()
-        self._send_buffer: Optional[Tensor] = None
-        self._recv_buffers: list[Tensor] = []
+        # Free message buffers. A buffer in a posted exchange must not be touched until the transfer is done.
+        self._free_buffers: list[Tensor] = []
+
+    def _take_buffer(self) -> Tensor:
+        return self._free_buffers.pop() if self._free_buffers else self.state.new_message()
 
     def post(self, plan: StepPlan) -> PendingExchange:
         """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
         ops = []
         peers = []
+        buffers = []
+        tag = plan.step % TAG_MODULUS
         target = plan.target_of(self.rank)
         if target is not None:
             # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
             self.state.weight /= 2.0
-            if self._send_buffer is None:
-                self._send_buffer = self.state.new_message()
-            self.state.pack(self._send_buffer, plan.step, self.rank)
-            ops.append(dist.P2POp(dist.isend, self._send_buffer, target))
+            send_buffer = self._take_buffer()
+            buffers.append(send_buffer)
+            self.state.pack(send_buffer, plan.step, self.rank)
+            ops.append(dist.P2POp(dist.isend, send_buffer, target, tag=tag))
             peers.append(target)
             self.counters.messages_sent += 1
             self.counters.bytes_sent += self.state.message_bytes
         sources = plan.sources_of(self.rank)
-        while len(self._recv_buffers) < len(sources):
-            self._recv_buffers.append(self.state.new_message())
-        received = list(zip(sources, self._recv_buffers))
-        ops += [dist.P2POp(dist.irecv, buffer, src) for src, buffer in received]
+        received = [(src, self._take_buffer()) for src in sources]
+        buffers += [buffer for _, buffer in received]
+        ops += [dist.P2POp(dist.irecv, buffer, src, tag=tag) for src, buffer in received]
         peers += sources
         try:
             requests = dist.batch_isend_irecv(ops) if ops else []
         except RuntimeError as error:  # a peer that is already gone can fail the post itself
             raise peer_lost_error(self.rank, peers, f"the gossip exchange of step {plan.step}", error) from error
         self.counters.steps += 1
-        return PendingExchange(plan.step, requests, received, peers)
+        return PendingExchange(plan.step, requests, received, peers, buffers)
 
     def wait(self, pending: PendingExchange) -> None:
         """Wait for the step's transfers without mixing; the received messages stay in ``pending``."""
@@ -140,6 +151,8 @@ class GossipExchange:
                 continue
             self.state.mix(message, weight)
         pending.received = []
+        self._free_buffers += pending.buffers
+        pending.buffers = []
 
     def _reject(self, src: int, step: int, weight: float) -> None:
         self.counters.messages_rejected += 1

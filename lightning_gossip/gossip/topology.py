@@ -107,7 +107,9 @@ def validate_topology(topology: Topology, world_size: int, steps_to_check: int =
             for rank in range(world_size):
                 peer = topology.peer(rank, world_size, step, u)
                 if not isinstance(peer, int) or isinstance(peer, bool):
-                    raise TypeError(f"Topology {topology!r} returned {peer!r} (not an int) for rank {rank}, step {step}.")
+                    raise TypeError(
+                        f"Topology {topology!r} returned {peer!r} (not an int) for rank {rank}, step {step}."
+                    )
                 if not 0 <= peer < world_size or peer == rank:
                     raise ValueError(
                         f"Topology {topology!r} does not fit world size {world_size}: rank {rank} at step {step} "

@@ -91,12 +91,15 @@ def test_registry_string_two_workers_local_eval_and_no_final_consensus(tmp_path)
 def test_torchrun_launch(tmp_path):
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        str(SCRIPT), str(tmp_path), "--torchrun", "--p", "0.5", "--epochs", "1",
+        str(SCRIPT), str(tmp_path), "--torchrun", "--p", "0.5", "--epochs", "1", "--staleness", "3",
     ]  # fmt: skip
     records = _run(args, tmp_path)
-    assert [r["world_size"] for r in records] == [2, 2]
+    assert [r["world_size"] for r in records] == [2, 2] and [r["staleness"] for r in records] == [3, 3]
     assert torch.equal(records[0]["final_params"], records[1]["final_params"])
-    assert sum(r["counters"]["messages_sent"] for r in records) > 0
+    sent = sum(r["counters"]["messages_sent"] for r in records)
+    # bounded staleness 3: up to 3 exchanges were in flight at every step; the end of fit mixed in every one of them
+    assert sent > 0 and sent == sum(r["counters"]["messages_received"] for r in records)
+    assert [r["gossip_weight"] for r in records] == [0.5, 0.5]
 
 
 def test_single_device_trains_and_warns(tmp_path):

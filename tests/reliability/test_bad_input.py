@@ -43,6 +43,12 @@ BAD_OPTIONS = [
     ({"average_every": 2.5}, ValueError, ["integer >= 1", "got 2.5"]),
     ({"average_every": "8"}, ValueError, ["integer >= 1", "got '8'"]),
     ({"average_every": True}, ValueError, ["integer >= 1", "got True"]),
+    ({"staleness": -1}, ValueError, ["staleness must be None or an integer >= 0", "got -1"]),
+    ({"staleness": 2.5}, ValueError, ["integer >= 0", "got 2.5"]),
+    ({"staleness": "4"}, ValueError, ["integer >= 0", "got '4'"]),
+    ({"staleness": True}, ValueError, ["integer >= 0", "got True"]),
+    ({"overlap": True, "staleness": 0}, ValueError, ["overlap=True means staleness=1", "staleness=0"]),
+    ({"overlap": "yes"}, TypeError, ["overlap must be True or False", "got 'yes'"]),
     ({"transfer_dtype": "int8"}, ValueError, ["transfer_dtype must be None", DTYPES, "got 'int8'"]),
     ({"transfer_dtype": "fp8"}, ValueError, [DTYPES, "got 'fp8'"]),
     ({"transfer_dtype": torch.int32}, ValueError, [DTYPES, "got torch.int32"]),
@@ -66,6 +72,7 @@ def test_constructor_rejects_bad_options(kwargs, error, parts) -> None:
 
 @pytest.mark.parametrize("kwargs", [{"p": np.float32(0.25)}, {"p": np.float64(1.0)}, {"p": 0}, {"p": 1},
                                     {"average_every": np.int64(4)}, {"transfer_dtype": torch.bfloat16},
+                                    {"staleness": np.int64(3)}, {"overlap": True, "staleness": 4},
                                     {"timeout": None}, {"timeout": timedelta(seconds=5)}])
 def test_constructor_accepts_good_options_of_other_types(kwargs) -> None:
     GossipStrategy(**kwargs)
@@ -232,6 +239,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
         ("strategy.p=[0.1]", ["must be a number in [0, 1]"]),
         ("strategy.topology=star", ["Unknown gossip topology 'star'"]),
         ("strategy.average_every=0.5", ["average_every must be None or an integer >= 1", "got 0.5"]),
+        ("strategy.staleness=-2", ["staleness must be None or an integer >= 0", "got -2"]),
         ("strategy.transfer_dtype=int8", ["got 'int8'"]),
         ("strategy.on_nonfinite=ignore", ["got 'ignore'"]),
         ("strategy.eval_mode=avg", ["got 'avg'"]),

@@ -52,7 +52,7 @@ def test_resume_is_exact(first_runs: Path, resumes, prefix: str) -> None:
     # Only meaningful if the workers' models differ at the save (saving one model for all would then fail).
     assert not torch.equal(ranks[0]["model"]["net.0.weight"], ranks[1]["model"]["net.0.weight"])
     # Total gossip mass in the checkpoint, messages in flight included, is 1.
-    in_flight = sum(message_weight(m) for r in ranks for _, m in r["gossip"]["in_flight"])
+    in_flight = sum(message_weight(m) for r in ranks for _, _, m in r["gossip"]["in_flight"])
     assert abs(sum(r["gossip"]["weight"] for r in ranks) + in_flight - 1.0) < 1e-12
 
     for rank in range(WORKERS):
@@ -84,14 +84,14 @@ def test_overlap_checkpoint_stores_in_flight_message_with_receiver(first_runs: P
     checkpoint = torch.load(first_runs / "ck_ov_first" / "epoch0.ckpt", weights_only=False)
     gossip = [r["gossip"] for r in checkpoint["gossip"]["ranks"]]
     # Step 4 (the last of epoch 1): rank 0 pushed to rank 1; overlap mixes it in after step 5's update.
-    assert gossip[0]["in_flight"] == [] and gossip[0]["in_flight_step"] == STEPS_PER_EPOCH - 1
-    assert [src for src, _ in gossip[1]["in_flight"]] == [0]
-    message = gossip[1]["in_flight"][0][1]
+    assert gossip[0]["in_flight"] == [] and gossip[0]["staleness"] == gossip[1]["staleness"] == 1
+    assert [(step, src) for step, src, _ in gossip[1]["in_flight"]] == [(STEPS_PER_EPOCH - 1, 0)]
+    message = gossip[1]["in_flight"][0][2]
     weight, step, sender = message[:32].view(torch.float64)[:3].tolist()
     assert (step, sender) == (STEPS_PER_EPOCH - 1, 0)
     assert weight == gossip[0]["weight"]  # the sender halved its weight and sent the other half
     # The resumed rank 1 holds that message, unmixed, when training starts again.
-    resumed = load(resumes[0], "ov_resumed", 1)["start"]["in_flight"]
+    [resumed] = load(resumes[0], "ov_resumed", 1)["start"]["in_flight"]
     assert resumed["sources"] == [0] and resumed["weights"] == [weight] and resumed["step"] == STEPS_PER_EPOCH - 1
     assert torch.equal(resumed["messages"][0], message)
 

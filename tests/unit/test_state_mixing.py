@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gossip.gossip.averager import check_gossip_options, resolve_transfer_dtype
+from lightning_gossip.gossip.averager import check_gossip_options, resolve_staleness, resolve_transfer_dtype
 from lightning_gossip.gossip.state import HEADER_BYTES, GossipState, gossiped_tensors
 
 
@@ -75,6 +75,7 @@ def test_model_without_float_tensors_is_rejected():
         (dict(average_every=0), "average_every must be None or an integer >= 1.*got 0"),
         (dict(transfer_dtype="int8"), "transfer_dtype must be None .* got 'int8'"),
         (dict(on_nonfinite="ignore"), "on_nonfinite must be 'warn' or 'error', got 'ignore'"),
+        (dict(staleness=-1), "staleness must be None or an integer >= 0.*got -1"),
     ],
 )
 def test_option_errors_name_the_bad_value(kwargs, match):
@@ -82,6 +83,14 @@ def test_option_errors_name_the_bad_value(kwargs, match):
     options.update(kwargs)
     with pytest.raises(ValueError, match=match):
         check_gossip_options(**options)
+
+
+def test_staleness_follows_overlap_unless_given():
+    assert resolve_staleness(False, None) == 0  # blocking
+    assert resolve_staleness(True, None) == 1  # overlap is one step of staleness
+    assert resolve_staleness(False, 8) == 8
+    assert resolve_staleness(True, 8) == 8
+    assert resolve_staleness(False, 0) == 0
 
 
 def test_transfer_dtype_names():

@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--overlap", action="store_true")
+    parser.add_argument("--staleness", type=int, default=None)
     parser.add_argument("--no-final-consensus", action="store_true")
     parser.add_argument("--eval-mode", default="consensus")
     parser.add_argument("--checkpoint", action="store_true", help="save a checkpoint at the end of every epoch")
@@ -91,6 +92,7 @@ def main() -> None:
             p=args.p,
             topology=args.topology,
             overlap=args.overlap,
+            staleness=args.staleness,
             final_consensus=not args.no_final_consensus,
             eval_mode=args.eval_mode,
         )
@@ -122,6 +124,7 @@ def main() -> None:
         "final_params": torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone(),
         "local_params_before_end": model.params_per_step[-1],
         "gossip_weight": s.gossip_weight,
+        "staleness": getattr(s, "staleness", None),
         "counters": s.counters.as_dict(),
         "message_bytes": s.averager.state.message_bytes if s.averager is not None else 0,
         "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

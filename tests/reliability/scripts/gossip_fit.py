@@ -115,7 +115,7 @@ def snapshot(trainer) -> dict:
     s = trainer.strategy
     module = trainer.lightning_module
     averager = getattr(s, "averager", None)
-    pending = getattr(averager, "_pending", None)
+    pending = list(getattr(averager, "_pending", None) or [])  # exchanges posted, not mixed in yet, oldest first
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "gossip_weight": s.gossip_weight,
@@ -124,14 +124,15 @@ def snapshot(trainer) -> dict:
         "epoch": trainer.current_epoch,
         "counters": s.counters.as_dict(),
         "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()) if trainer.optimizers else None,
-        "in_flight": None
-        if pending is None
-        else {
-            "step": pending.step,
-            "sources": [src for src, _ in pending.received],
-            "weights": [float(m[:32].view(torch.float64)[0]) for _, m in pending.received],
-            "messages": [m.clone() for _, m in pending.received],
-        },
+        "in_flight": [
+            {
+                "step": p.step,
+                "sources": [src for src, _ in p.received],
+                "weights": [float(m[:32].view(torch.float64)[0]) for _, m in p.received],
+                "messages": [m.clone() for _, m in p.received],
+            }
+            for p in pending
+        ],
     }
 
 
