@@ -133,7 +133,7 @@ def overhead_suite(workers: int) -> Mode:
     mode = Mode("overhead", workers, steps=150, warmup=20, snapshot_every=50, batch_size=32, lr=0.05,
                 model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, repeats=3, single=False)
     configs = [FLOOR, GOSSIP_P0, nosync(GOSSIP_P0), gossip(0.1, overlap=True), nosync(gossip(0.1, overlap=True)),
-               nosync(gossip(0.1)), nosync(gossip(0.1, staleness=16))]
+               nosync(gossip(0.1)), gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16))]
     mode.scenarios.append(Scenario("loopback", None, configs))
     return mode
 
@@ -158,7 +158,7 @@ def tta_suite(workers: int, netns_ok: bool, rate: float) -> Mode:
     mode = Mode("tta", workers, steps=300, warmup=20, snapshot_every=20, batch_size=32, lr=0.05,
                 model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
     configs = [DDP, longer(gossip(0.1, overlap=True), 2), longer(nosync(gossip(0.1, overlap=True)), 2),
-               longer(nosync(gossip(0.1, staleness=16)), 2)]
+               longer(gossip(0.1, staleness=16), 2), longer(nosync(gossip(0.1, staleness=16)), 2)]
     if netns_ok:
         mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, configs, netns=True))
     else:

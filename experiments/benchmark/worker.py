@@ -257,6 +257,8 @@ def build_strategy(run: dict, world_size: int):
             monitor=False,  # no per-step logging and no per-epoch consensus-distance all-reduce in a benchmark
             final_consensus=True,
             process_group_backend="gloo",
+            # the `_nosync` rows: the library's own switch (the stock rows keep its default, every 50 steps)
+            sigterm_sync_every=None if run.get("sigterm_sync", True) is False else 50,
         )
         if run.get("per_tensor"):
             from experiments.benchmark.variants import PerTensorGossipStrategy
