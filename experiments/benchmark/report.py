@@ -638,9 +638,11 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
             continue  # emulated compute: tiny batches, the accuracy is not the point of those scenarios
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         shown = 0
-        for fam in ("single", "ddp", "gossip_p0.1_random_blocking", "gossip_p0.1_random_overlap",
-                    "gossip_p0.5_random_blocking", "local_sgd_h16", "local_sgd_h10", "floor",
-                    "gossip_p1_random_overlap"):
+        base = ("single", "ddp", "gossip_p0.1_random_blocking", "gossip_p0.1_random_overlap",
+                "gossip_p0.1_random_stale16", "gossip_p0.5_random_blocking", "local_sgd_h16", "local_sgd_h10",
+                "floor", "gossip_p1_random_overlap")
+        # the tta suite runs gossip for twice the steps (configs named ..._2xsteps)
+        for fam in (*base, *(f"{name}_2xsteps" for name in base)):
             r = rows.get((s["name"], fam)) or (rows.get(("single", "single")) if fam == "single" else None)
             if r is None:
                 continue
