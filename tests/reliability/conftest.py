@@ -1,7 +1,7 @@
 """The real Lightning runs the reliability tests look at, each started once per session (they take most of the time).
 
-1. ``first_runs``: 2 workers fit 2 epochs straight and 1 epoch then stop, blocking and overlapped, with a checkpoint
-   per epoch (one script run, four fits in the same processes).
+1. ``first_runs``: 2 workers fit 2 epochs straight and 1 epoch then stop, blocking, overlapped and with staleness 3,
+   with a checkpoint per epoch (one script run, six fits in the same processes).
 2. ``dead_worker_run``: 3 workers; rank 2 is SIGKILLed in epoch 2, after the epoch-1 checkpoint.
 3. ``killed_in_save_run``: 2 workers; rank 0 (the launcher, which writes checkpoints) is SIGKILLed in the middle of
    overwriting ``last.ckpt`` at the end of epoch 2.
@@ -58,6 +58,9 @@ def first_runs(tmp_path_factory) -> Path:
                 # Saved at the end of the training epoch, with a message in flight.
                 {"name": "ov_full", "epochs": 2, "ckpt_dir": ck("ov_full"), "overlap": True},
                 {"name": "ov_first", "epochs": 1, "ckpt_dir": ck("ov_first"), "overlap": True},
+                # Bounded staleness 3: the exchanges of the epoch's last 3 steps are in flight at the save.
+                {"name": "st_full", "epochs": 2, "ckpt_dir": ck("st_full"), "staleness": 3},
+                {"name": "st_first", "epochs": 1, "ckpt_dir": ck("st_first"), "staleness": 3},
             ],
         )
     )
@@ -106,6 +109,7 @@ def resumes(first_runs, dead_worker_run, killed_in_save_run, tmp_path_factory) -
     plan = [
         {"name": "resumed", "epochs": 2, "resume": str(first_runs / "ck_first" / "epoch0.ckpt")},
         {"name": "ov_resumed", "epochs": 2, "resume": str(first_runs / "ck_ov_first" / "epoch0.ckpt"), "overlap": True},
+        {"name": "st_resumed", "epochs": 2, "resume": str(first_runs / "ck_st_first" / "epoch0.ckpt"), "staleness": 3},
         {"name": "after_crash", "epochs": 2, "resume": str(killed_in_save_run[0] / "ck" / "last.ckpt")},
         {"name": "three_to_two", "epochs": 2, "resume": str(dead_worker_run[0] / "ck" / "epoch0.ckpt")},
         {"name": "other_model", "epochs": 2, "resume": str(first_runs / "ck_first" / "epoch0.ckpt"), "hidden": 32},

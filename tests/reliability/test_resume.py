@@ -41,7 +41,7 @@ def assert_same_rank_state(a: dict, b: dict, what: str) -> None:
         )
 
 
-@pytest.mark.parametrize("prefix", ["", "ov_"], ids=["blocking", "overlap"])
+@pytest.mark.parametrize("prefix", ["", "ov_", "st_"], ids=["blocking", "overlap", "staleness3"])
 def test_resume_is_exact(first_runs: Path, resumes, prefix: str) -> None:
     out, _ = resumes
     checkpoint = torch.load(first_runs / f"ck_{prefix}first" / "epoch0.ckpt", weights_only=False)
@@ -136,3 +136,20 @@ def test_checkpoint_from_another_model_fails_clearly(resumes) -> None:
     assert run.returncode != 0
     assert "RuntimeError: This checkpoint does not fit the model Net" in run.output
     assert "net.0.weight has shape (16, 8) in the checkpoint but (32, 8) in the model" in run.output
+
+
+def test_staleness_checkpoint_stores_the_exchanges_of_the_last_k_steps(first_runs: Path, resumes) -> None:
+    checkpoint = torch.load(first_runs / "ck_st_first" / "epoch0.ckpt", weights_only=False)
+    gossip = [r["gossip"] for r in checkpoint["gossip"]["ranks"]]
+    assert [g["staleness"] for g in gossip] == [3, 3]
+    saved = [[(step, src) for step, src, _ in g["in_flight"]] for g in gossip]
+    steps = {step for per_rank in saved for step, _ in per_rank}
+    # Mixing happens 3 steps after posting: at the save (after step 4) the exchanges of steps 2-4 are pending, and
+    # with this seed more than one of those steps carried a message.
+    assert len(steps) > 1 and steps <= {STEPS_PER_EPOCH - 3, STEPS_PER_EPOCH - 2, STEPS_PER_EPOCH - 1}
+    for rank, per_rank in enumerate(saved):
+        for step, src, message in gossip[rank]["in_flight"]:
+            assert message[:32].view(torch.float64)[1:3].tolist() == [step, src]  # header: step, sender
+        # the resumed rank holds the same messages, unmixed, grouped by step, when training starts again
+        resumed = load(resumes[0], "st_resumed", rank)["start"]["in_flight"]
+        assert [(p["step"], src) for p in resumed for src in p["sources"]] == sorted(per_rank)

@@ -165,6 +165,7 @@ def main() -> None:
             p=run.get("p", args.p),
             topology=args.topology,
             overlap=run.get("overlap", args.overlap),
+            staleness=run.get("staleness"),
             final_consensus=args.final_consensus,
             timeout=timedelta(seconds=args.timeout_s),
         )
