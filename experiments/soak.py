@@ -1,15 +1,16 @@
 """Soak run: many gossip steps on real gloo processes; weight mass, memory and file descriptors must not drift.
 
-    python experiments/soak.py                          # 4 workers, 10,000 steps, blocking and overlapped
+    python experiments/soak.py                          # 4 workers, 10,000 steps, blocking, overlap, staleness 8
     python experiments/soak.py --steps 1000 --out DIR   # shorter (the opt-in `pytest -m soak` test runs this)
 
 Each worker trains a tiny MLP (with BatchNorm, so buffers are gossiped too) with SGD on random batches and runs a
 GossipAverager step after every optimizer step (p=0.5, random peer). After every step the workers all-reduce their
-gossip weights, plus what is in flight to them in overlap mode, and record |sum - 1|; every ``--consensus-every``
-steps they also compute the consensus distance (the collective path of evaluation and checkpoints). Resident memory
-(VmRSS) and open file descriptors are measured per worker after a warm-up of ``--warmup`` steps ("start") and at the
-end ("end"), and sampled along the way. Results go to ``OUT/soak.json``; the exit status is non-zero if a check fails:
-mass error above ``--mass-tol``, RSS growth above ``--rss-tol-mib``, or any growth in file descriptors.
+gossip weights, plus what is in flight to them (overlap / staleness modes), and record |sum - 1|; every
+``--consensus-every`` steps they also compute the consensus distance (the collective path of evaluation and
+checkpoints). Resident memory (VmRSS) and open file descriptors are measured per worker after a warm-up of
+``--warmup`` steps ("start") and at the end ("end"), and sampled along the way. Results go to ``OUT/soak.json``; the
+exit status is non-zero if a check fails: mass error above ``--mass-tol``, RSS growth above ``--rss-tol-mib``, or any
+growth in file descriptors.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def worker(rank: int, world_size: int, port: int, cfg: dict, queue: Any) -> None
         model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         gossip = gossip_module.GossipAverager(
-            model, p=cfg["p"], topology=cfg["topology"], seed=cfg["seed"], overlap=cfg["overlap"]
+            model, p=cfg["p"], topology=cfg["topology"], seed=cfg["seed"], staleness=cfg["staleness"]
         )
         data = torch.Generator().manual_seed(1000 + rank)
         x_all = torch.randn(256, 16, generator=data)
@@ -150,6 +151,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def staleness_of_mode(mode: str) -> int:
+    """``blocking`` -> 0, ``overlap`` -> 1, ``stale<K>`` -> K."""
+    if mode in ("blocking", "overlap"):
+        return int(mode == "overlap")
+    if mode.startswith("stale") and mode[len("stale"):].isdigit():
+        return int(mode[len("stale"):])
+    raise SystemExit(f"unknown soak mode {mode!r}: use blocking, overlap or stale<K> (e.g. stale8)")
+
+
 def run_mode(world_size: int, cfg: dict, deadline_s: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--modes", default="blocking,overlap", help="comma list of blocking, overlap")
+    parser.add_argument("--modes", default="blocking,overlap,stale8",
+                        help="comma list of blocking, overlap, stale<K> (bounded staleness K)")
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--topology", default="random")
     parser.add_argument("--seed", type=int, default=0)
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "p": args.p,
             "topology": args.topology,
             "seed": args.seed,
-            "overlap": mode == "overlap",
+            "staleness": staleness_of_mode(mode),
             "warmup": args.warmup,
             "check_every": args.check_every,
             "consensus_every": args.consensus_every,

@@ -121,8 +121,9 @@ class GossipAverager:
             communication hides behind computation. The same as ``staleness=1``.
         staleness: bounded staleness K >= 0: the exchange posted after step t is mixed in after step t+K, so a
             slow transfer hides behind K steps of computation (0 is blocking, 1 is ``overlap``). Mixing points are
-            fixed by step number, so runs stay deterministic and resumable; mixed-in models are K steps old, and up
-            to K exchanges (K+1 message buffers per sender) are in flight per rank.
+            fixed by step number, so runs stay deterministic and resumable; mixed-in models are K steps old. Up to
+            K exchanges are in flight per rank, each holding a message-sized buffer for its send and one per
+            incoming message (reused from a pool), so memory grows with K.
         average_every: if set, an exact global average every this many steps (Gossip-PGA; with p=0, Local SGD).
         transfer_dtype: dtype on the wire (``"bfloat16"``/``"float16"`` halve the bytes); the weight stays float64.
         on_nonfinite: what to do with a received message holding NaN/Inf: ``"warn"`` (drop its tensors, keep its

@@ -1,5 +1,6 @@
-"""The soak run, shortened (opt-in: ``pytest -m soak``): 4 gloo workers, 2,000 gossip steps per mode, blocking and
-overlapped; mass within 1e-12 of 1 after every step, no growth in open file descriptors, RSS growth within 4 MiB.
+"""The soak run, shortened (opt-in: ``pytest -m soak``): 4 gloo workers, 2,000 gossip steps per mode, blocking,
+overlapped and with staleness 8; mass within 1e-12 of 1 after every step, no growth in open file descriptors, RSS
+growth within 4 MiB.
 The full run (10,000 steps) is ``python experiments/soak.py``; its figures are in experiments/results/soak/."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def test_short_soak(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "soak.json").read_text()) if (tmp_path / "soak.json").exists() else None
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     assert report is not None and report["passed"]
-    for mode in ("blocking", "overlap"):
+    for mode in ("blocking", "overlap", "stale8"):
         summary = report["modes"][mode]["summary"]
         assert summary["max_mass_error"] <= 1e-12
         assert summary["mass_checks"] == 2001
