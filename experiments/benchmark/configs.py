@@ -143,7 +143,7 @@ def straggler_suite(workers: int, netns_ok: bool, rate: float, factor: float, em
     mode = Mode("straggler", workers, steps=200, warmup=20, snapshot_every=50, batch_size=8, lr=0.05,
                 model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
     configs = [FLOOR, DDP, gossip(0.1, overlap=True), nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)),
-               nosync(gossip(0.1, staleness=16))]
+               gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16))]
     lag = {"rank": workers - 1, "factor": factor}
     nets = [(None, "loopback", False)] + ([(rate, f"{rate:g}mbit", True)] if netns_ok else [])
     for r, name, ns in nets:
