@@ -326,6 +326,8 @@ class GossipStrategy(DDPStrategy):
             self.averager.consensus_()
         else:
             self.averager.finish()
+        # Nothing is in flight any more; give back the pooled message buffers (K x model size with staleness K).
+        self.averager.exchange.release_free_buffers()
 
     def _check_same_step_count(self) -> None:
         assert self.averager is not None

@@ -86,7 +86,7 @@ def full_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor
     sweep = [
         gossip(0.1, "ring", overlap=True), gossip(0.1, "exponential", overlap=True),
         gossip(0.03, overlap=True), gossip(0.3, overlap=True), gossip(1.0, overlap=True),
-        gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16)),  # the bounded-staleness prototype
+        gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16)),  # bounded staleness (the library's staleness=K)
     ]
     straggle = [FLOOR, DDP, local_sgd(h), gossip(0.1), gossip(0.1, overlap=True),
                 nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)), nosync(gossip(0.1, staleness=16))]

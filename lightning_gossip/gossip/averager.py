@@ -46,10 +46,12 @@ def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
 def resolve_staleness(overlap: Any, staleness: Any) -> int:
     """The number of steps between posting an exchange and mixing it in: 0 blocking, 1 overlapped, K bounded.
 
-    ``overlap=True`` is shorthand for ``staleness=1``; giving both is accepted only when they agree.
+    ``overlap=True`` is shorthand for ``staleness=1``; a ``staleness`` given as well wins (any K >= 1 overlaps),
+    except ``staleness=0`` (blocking), which contradicts ``overlap=True``.
     """
-    if not isinstance(overlap, bool):
+    if isinstance(overlap, str) or overlap not in (True, False):  # bool, numpy bool, 0/1
         raise TypeError(f"overlap must be True or False, got {overlap!r}.")
+    overlap = bool(overlap)
     if staleness is None:
         return 1 if overlap else 0
     if isinstance(staleness, bool) or not isinstance(staleness, numbers.Integral) or staleness < 0:
@@ -304,8 +306,16 @@ class GossipAverager:
         # even use another staleness (the messages are then mixed in after step ``step + its staleness``).
         self._pending = deque()
         for step, src, message in sorted(state["in_flight"], key=lambda entry: (int(entry[0]), int(entry[1]))):
+            if message.dtype != torch.uint8 or message.numel() != self.state.message_bytes:
+                raise ValueError(
+                    f"A gossip message in flight in this checkpoint (step {step}, from rank {src}) has "
+                    f"{message.numel()} {message.dtype} elements, but this run's messages are "
+                    f"{self.state.message_bytes} bytes: resume with the model, mix_buffers and transfer_dtype the "
+                    "checkpoint was written with."
+                )
             if not self._pending or self._pending[-1].step != int(step):
                 self._pending.append(PendingExchange(int(step), []))
-            buffer = message.to(self.state.device)
+            # A copy: the buffer goes back to the pool after mixing and must not alias the caller's checkpoint.
+            buffer = message.to(self.state.device, copy=True)
             self._pending[-1].received.append((int(src), buffer))
             self._pending[-1].buffers.append(buffer)

@@ -6,8 +6,11 @@ collective runs per step. :meth:`GossipExchange.post` starts the transfers and r
 :meth:`GossipExchange.complete` waits for them and mixes what arrived. Calling both back to back is the blocking
 (synchronous) mode; calling ``complete`` K steps later is the overlapped (K = 1) or bounded-staleness mode, where the
 transfer hides behind the next K forward and backward passes. Several exchanges can be in flight at once: each takes
-its message buffers from a pool and gives them back when it is mixed in, and each step's transfers carry their own
-tag, so messages of different steps between the same two ranks can never be matched to each other.
+its message buffers from a pool and gives them back when it is mixed in. Between two ranks, messages are matched in
+the order they are posted (gloo per peer and tag, NCCL per communicator), and every rank posts in step order, so each
+receive gets the message of its own step. All steps share one tag on purpose: a rank that took a different number of
+steps then receives a message of the wrong step, which the header check turns into a :class:`GossipScheduleError`
+that says so, instead of a hang until the timeout.
 """
 
 from __future__ import annotations
@@ -21,10 +24,6 @@ from torch import Tensor
 from lightning_gossip.gossip.errors import peer_lost_error
 from lightning_gossip.gossip.schedule import StepPlan
 from lightning_gossip.gossip.state import GossipState
-
-# Point-to-point tags: step modulo this. gloo matches a receive by (peer, tag); NCCL ignores tags and matches in order.
-# Far more distinct tags than exchanges that can be in flight at once (at most ``staleness + 1``).
-TAG_MODULUS = 1 << 20
 
 
 class GossipScheduleError(RuntimeError):
@@ -83,6 +82,10 @@ class GossipExchange:
         # Free message buffers. A buffer in a posted exchange must not be touched until the transfer is done.
         self._free_buffers: list[Tensor] = []
 
+    def release_free_buffers(self) -> None:
+        """Drop the pooled buffers no exchange is using (after training: up to K x (1 + senders) model copies)."""
+        self._free_buffers = []
+
     def _take_buffer(self) -> Tensor:
         return self._free_buffers.pop() if self._free_buffers else self.state.new_message()
 
@@ -91,7 +94,6 @@ class GossipExchange:
         ops = []
         peers = []
         buffers = []
-        tag = plan.step % TAG_MODULUS
         target = plan.target_of(self.rank)
         if target is not None:
             # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
@@ -99,14 +101,14 @@ class GossipExchange:
             send_buffer = self._take_buffer()
             buffers.append(send_buffer)
             self.state.pack(send_buffer, plan.step, self.rank)
-            ops.append(dist.P2POp(dist.isend, send_buffer, target, tag=tag))
+            ops.append(dist.P2POp(dist.isend, send_buffer, target))
             peers.append(target)
             self.counters.messages_sent += 1
             self.counters.bytes_sent += self.state.message_bytes
         sources = plan.sources_of(self.rank)
         received = [(src, self._take_buffer()) for src in sources]
         buffers += [buffer for _, buffer in received]
-        ops += [dist.P2POp(dist.irecv, buffer, src, tag=tag) for src, buffer in received]
+        ops += [dist.P2POp(dist.irecv, buffer, src) for src, buffer in received]
         peers += sources
         try:
             requests = dist.batch_isend_irecv(ops) if ops else []
@@ -117,7 +119,7 @@ class GossipExchange:
 
     def wait(self, pending: PendingExchange) -> None:
         """Wait for the step's transfers without mixing; the received messages stay in ``pending``."""
-        requests, pending.requests = pending.requests, []
+        requests = pending.requests
         # gloo returns one request per operation, so a failure names its peer; NCCL coalesces them into one.
         one_per_op = len(requests) == len(pending.peers)
         for index, request in enumerate(requests):
@@ -126,6 +128,8 @@ class GossipExchange:
             except RuntimeError as error:  # gloo: connection reset/closed by a dead peer, or the timeout passed
                 lost = [pending.peers[index]] if one_per_op else pending.peers
                 raise peer_lost_error(self.rank, lost, f"the gossip exchange of step {pending.step}", error) from error
+        # Only now: an exchange whose wait failed must not look finished (its buffers may still be written into).
+        pending.requests = []
 
     def in_flight_weight(self, pending: PendingExchange) -> float:
         """The gossip weight carried by the (waited-for) messages of ``pending`` that are not mixed in yet."""

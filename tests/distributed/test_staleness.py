@@ -83,7 +83,7 @@ def _weights_mass_mean(rank: int, world_size: int, staleness: int, steps: int) -
             "final_weight": averager.weight, "counters": averager.counters.as_dict()}
 
 
-@pytest.mark.parametrize("staleness", [0, 3])
+@pytest.mark.parametrize("staleness", [0, 1, 3])
 def test_messages_are_mixed_exactly_staleness_steps_later(staleness: int) -> None:
     world_size, steps = 3, 24
     out = run_distributed(_weights_mass_mean, world_size, staleness, steps)
@@ -97,28 +97,29 @@ def test_messages_are_mixed_exactly_staleness_steps_later(staleness: int) -> Non
         torch.testing.assert_close(r["final"], out[0]["final"], atol=0, rtol=0)  # exact consensus at the end
     if staleness:
         assert max(r["in_flight"][-1] for r in out) == staleness  # K exchanges were in flight at once
-    # the replay is not trivially satisfied: with K = 3 the weights differ from the blocking replay
+    # the replay is not trivially satisfied: with K > 0 the weights differ from the blocking replay
     assert staleness == 0 or expected != replay_weights(world_size, steps, 0)
 
 
-def _modes(rank: int, world_size: int, steps: int) -> dict:
-    finals = {}
-    for name, options in {"blocking": {}, "staleness0": {"staleness": 0}, "overlap": {"overlap": True},
-                          "staleness1": {"staleness": 1}, "staleness4": {"staleness": 4}}.items():
-        averager = GossipAverager(_model(rank), p=P, seed=SEED, broadcast=False, **options)
-        for step in range(steps):
-            _train_step(averager, rank, step)
-            averager.step()
-        averager.finish()
-        finals[name] = (_flat(averager), averager.weight)
-    return finals
+def _periodic_average(rank: int, world_size: int, staleness: int, every: int, steps: int) -> dict:
+    averager = GossipAverager(_model(rank), p=P, seed=SEED, staleness=staleness, average_every=every)
+    after_average = []
+    for step in range(steps):
+        _train_step(averager, rank, step)
+        averager.step()
+        if averager.step_count % every == 0:
+            after_average.append((averager.in_flight, averager.weight, _flat(averager)))
+    return {"after_average": after_average}
 
 
-def test_staleness_zero_is_blocking_and_one_is_overlap() -> None:
-    for r in run_distributed(_modes, 2, 15):
-        assert torch.equal(r["staleness0"][0], r["blocking"][0]) and r["staleness0"][1] == r["blocking"][1]
-        assert torch.equal(r["staleness1"][0], r["overlap"][0]) and r["staleness1"][1] == r["overlap"][1]
-        assert not torch.equal(r["staleness4"][0], r["overlap"][0])  # K matters when ranks train
+def test_periodic_average_drains_every_exchange_in_flight() -> None:
+    world_size, staleness, every = 3, 3, 5
+    out = run_distributed(_periodic_average, world_size, staleness, every, 20)
+    assert len(out[0]["after_average"]) == 4
+    for r in out:
+        for (in_flight, weight, flat), (_, _, flat0) in zip(r["after_average"], out[0]["after_average"]):
+            assert not in_flight and abs(weight - 1 / world_size) < 1e-15
+            assert torch.equal(flat, flat0)  # the exact average, on every rank
 
 
 def _save_and_resume(rank: int, world_size: int, staleness: int, steps: int, stop_at: int) -> dict:
@@ -140,6 +141,15 @@ def _save_and_resume(rank: int, world_size: int, staleness: int, steps: int, sto
     torch.save({"model": model.state_dict(), "gossip": averager.state_dict()}, buffer)
     saved = averager.state_dict()
     in_flight_at_save = [(step, src) for step, src, _ in saved["in_flight"]]
+    # A checkpoint of another message size is refused with a clear error, before anything is mixed in.
+    bad_size_error = None
+    if saved["in_flight"]:
+        truncated = {**saved, "in_flight": [(step, src, m[:-4]) for step, src, m in saved["in_flight"]]}
+        try:
+            fresh = GossipAverager(_model(rank), p=P, seed=SEED, staleness=staleness, broadcast=False)
+            fresh.load_state_dict(truncated)
+        except ValueError as error:
+            bad_size_error = str(error)
     del averager, model
     buffer.seek(0)
     checkpoint = torch.load(buffer)
@@ -153,8 +163,25 @@ def _save_and_resume(rank: int, world_size: int, staleness: int, steps: int, sto
         averager.step()
     averager.finish()
     resumed = (_flat(averager), averager.weight, averager.counters.as_dict())
+    # The same checkpoint resumed with staleness 1: the saved messages are mixed in after the first step; the mass
+    # (messages in flight included) stays 1 and every rank ends at the same consensus.
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model = _model(rank)
+    model.load_state_dict(checkpoint["model"])
+    averager = GossipAverager(model, p=P, seed=SEED, staleness=1, broadcast=False)
+    averager.load_state_dict(checkpoint["gossip"])
+    masses = []
+    for step in range(stop_at, steps):
+        _train_step(averager, rank, step)
+        averager.step()
+        mass = torch.tensor([averager.weight + averager.in_flight_weight()], dtype=torch.float64)
+        dist.all_reduce(mass)
+        masses.append(float(mass))
+    averager.consensus_()
+    other_k = (_flat(averager), masses)
     return {"straight": straight, "resumed": resumed, "in_flight_at_save": in_flight_at_save,
-            "pending_after_load": pending_after_load}
+            "pending_after_load": pending_after_load, "bad_size_error": bad_size_error, "other_k": other_k}
 
 
 def test_resume_with_several_exchanges_in_flight_is_exact() -> None:
@@ -169,3 +196,7 @@ def test_resume_with_several_exchanges_in_flight_is_exact() -> None:
         assert torch.equal(r["resumed"][0], r["straight"][0])  # bitwise
         assert r["resumed"][1] == r["straight"][1]
         assert r["resumed"][2] == r["straight"][2]  # counters carried over
+        assert all(abs(m - 1.0) < 1e-12 for m in r["other_k"][1])  # resumed with staleness 1: mass kept
+        assert torch.equal(r["other_k"][0], out[0]["other_k"][0])  # and a consensus at the end
+    errors = [r["bad_size_error"] for r in out if r["in_flight_at_save"]]
+    assert errors and all("resume with the model, mix_buffers and transfer_dtype" in e for e in errors)
