@@ -151,7 +151,6 @@ class GossipStrategy(DDPStrategy):
         self.seed = seed
         self.mix_buffers = mix_buffers
         self.staleness = resolve_staleness(overlap, staleness)
-        self.overlap = self.staleness > 0
         self.average_every = average_every
         self.transfer_dtype = transfer_dtype
         self.eval_mode = eval_mode
@@ -165,6 +164,11 @@ class GossipStrategy(DDPStrategy):
         self._eval_stack: Optional[ExitStack] = None
 
     # -- read-outs ------------------------------------------------------------------------------------------------
+    @property
+    def overlap(self) -> bool:
+        """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
+        return self.staleness > 0
+
     @property
     def is_distributed(self) -> bool:
         # Lightning adds distributed samplers and honours `sync_dist` only for strategies that say this.

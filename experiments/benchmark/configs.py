@@ -128,6 +128,11 @@ def quick_mode(workers: int, netns_ok: bool, rates: list[float], straggler_facto
 SUITES = ("full", "overhead", "straggler", "tta")
 
 
+def scenario_repeats(mode: Mode, scenario: Optional[Scenario]) -> int:
+    """How many times a scenario runs its configs: its own ``repeats``, else the mode's."""
+    return (scenario.repeats if scenario is not None and scenario.repeats else None) or mode.repeats
+
+
 def overhead_suite(workers: int) -> Mode:
     """The p = 0 and overlap overhead targets: loopback, short runs, 3 interleaved repeats (the fastest counts)."""
     mode = Mode("overhead", workers, steps=150, warmup=20, snapshot_every=50, batch_size=32, lr=0.05,

@@ -45,6 +45,7 @@ from experiments.benchmark.common import (
     stamp_line,
     weighted_consensus,
 )
+from experiments.benchmark.configs import scenario_repeats
 
 SCHEMA = "lightning-gossip-benchmark/1"
 ROW_KEYS = (
@@ -90,8 +91,7 @@ def summarize_scenario(sc_dir: str, mode: Any, scenario_name: str, scenario: Any
         }
         expected_world = 1 if cfg["kind"] == "single" else mode.workers
         candidates, problems = [], []
-        repeats = (scenario.repeats if scenario is not None and scenario.repeats else None) or mode.repeats
-        for rep in range(repeats):
+        for rep in range(scenario_repeats(mode, scenario)):
             run_dir = os.path.join(sc_dir, run_dir_name(cfg["name"], rep))
             files = sorted(f for f in os.listdir(run_dir) if f.startswith("rank")) if os.path.isdir(run_dir) else []
             if len(files) != expected_world:

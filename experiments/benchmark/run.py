@@ -35,6 +35,7 @@ from experiments.benchmark.configs import (
     full_mode,
     overhead_suite,
     quick_mode,
+    scenario_repeats,
     straggler_suite,
     tta_suite,
 )
@@ -145,10 +146,6 @@ def choose_network(network: str, quick: bool) -> tuple[bool, str]:
         log(f"NOTE: no network namespaces here ({reason}); the bandwidth-limited scenarios are skipped and "
             "everything runs on plain loopback.")
     return ok, reason
-
-
-def scenario_repeats(mode: Mode, scenario: Optional[Scenario]) -> int:
-    return (scenario.repeats if scenario is not None and scenario.repeats else None) or mode.repeats
 
 
 def make_plan(mode: Mode, scenario: Optional[Scenario], configs: list[dict]) -> dict:

@@ -157,7 +157,6 @@ class GossipAverager:
         validate_topology(self.topology, self.world_size)
         self.schedule = GossipSchedule(self.world_size, p, self.topology, seed)
         self.staleness = resolve_staleness(overlap, staleness)
-        self.overlap = self.staleness > 0
         self.mix_buffers = mix_buffers
         self.average_every = average_every
         self.state = GossipState(
@@ -180,6 +179,11 @@ class GossipAverager:
     @property
     def counters(self) -> GossipCounters:
         return self.exchange.counters
+
+    @property
+    def overlap(self) -> bool:
+        """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
+        return self.staleness > 0
 
     @property
     def in_flight(self) -> bool:
