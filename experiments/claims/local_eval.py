@@ -7,7 +7,7 @@ gathers the results on all ranks and logs them from rank 0 as ``local/acc_rank<i
 replaces the local weights, it evaluates each local model on the test set and rank 0 writes everything to
 ``<output_dir>/local_models.json``.
 
-It needs a datamodule with ``val_set``/``test_set`` (``lightning_gossip.data``). Every rank must run it (it is a
+It needs a datamodule with ``val_set``/``test_set`` (``lightning_gossip.app.data``). Every rank must run it (it is a
 collective), which holds since callbacks run on every rank.
 """
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_gossip.data import (
+from lightning_gossip.app.data import (
     DigitsDataModule,
     ImageFolderDataModule,
     ShardSampler,
     SyntheticDataModule,
     label_skew_partition,
 )
-from lightning_gossip.models import MLP, ClassifierModule, ResNet, SmallCNN
+from lightning_gossip.app.models import MLP, ClassifierModule, ResNet, SmallCNN
 
 
 def fake_trainer(rank: int, world: int, lightning_shards: bool = False) -> SimpleNamespace:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_gossip import sweep
+from lightning_gossip.app import sweep
 
 REPO = Path(__file__).resolve().parents[2]
 # tiny: 2 workers, 4 steps, 2 val/test batches, no progress-bar noise, 1 thread per worker
