@@ -133,3 +133,17 @@ def test_installed_wheel_runs_the_app_from_an_empty_directory(installed_wheel, t
         [str(python), "-m", "lightning_gossip.train", "--config-dir", str(tmp_path / "my_conf"), "strategy=mine",
          "--cfg", "job"], cwd=work, env=clean_env(), capture_output=True, text=True, timeout=300))
     assert "p: 0.5" in proc.stdout and "topology: ring" in proc.stdout
+
+
+def test_ci_tests_the_lowest_lightning_that_pyproject_allows():
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (spec,) = [d for d in project["dependencies"] if re.match(r"lightning\s*[<>=]", d)]
+    lower = re.search(r">=\s*([\d.]+)", spec).group(1)
+    ci = (REPO / ".ci" / "run").read_text()
+    tested = re.search(r"^LIGHTNING_LOWEST=([\d.]+)$", ci, re.MULTILINE).group(1)
+    normalise = lambda v: tuple(int(x) for x in v.split(".")) + (0,) * (3 - len(v.split(".")))  # noqa: E731
+    assert normalise(tested) == normalise(lower), f"pyproject allows {spec!r} but CI tests lightning=={tested}"
+    assert '-m "lightning_compat and not slow and not soak"' in ci and "pytest -m wheel" in ci
