@@ -1,9 +1,10 @@
 """Suite-wide markers.
 
 ``lightning_compat``: the tests CI also runs against the lowest Lightning version pyproject.toml allows (.ci/run's
-second virtual environment): Lightning's private names and the standalone package (tests/compat), real Trainer
-runs through the launchers (tests/lightning), and exact resume from checkpoints (tests/reliability/test_resume.py).
-Marked here by path so that the files themselves need no change.
+second virtual environment): tests/compat (Lightning's private names, the SIGTERM throttle, a popen-launched fit with
+per-rank checkpoints and an exact resume with each Lightning package), the spawn/fork launchers' checkpoint test and
+the torchrun launch. Marked here by path or test name so that those files need no change; chosen to keep that run
+to a few minutes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,26 @@ from pathlib import Path
 import pytest
 
 _TESTS = Path(__file__).resolve().parent
-LIGHTNING_COMPAT = ("compat", "lightning", "reliability/test_resume.py")
+# folders, files, or file::test-function (every parametrization of it)
+LIGHTNING_COMPAT = (
+    "compat",
+    "lightning/test_checkpoint_consensus.py",
+    "lightning/test_trainer_runs.py::test_torchrun_launch",
+    "lightning/test_trainer_runs.py::test_strategy_names_are_registered_on_import",
+)
+
+
+def _selected(item: pytest.Item) -> bool:
+    path = Path(str(item.path)).resolve()
+    for entry in LIGHTNING_COMPAT:
+        where, _, function = entry.partition("::")
+        root = _TESTS / where
+        if (path == root or root in path.parents) and (not function or item.originalname == function):
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    roots = [_TESTS / p for p in LIGHTNING_COMPAT]
     for item in items:
-        path = Path(str(item.path)).resolve()
-        if any(path == root or root in path.parents for root in roots):
+        if _selected(item):
             item.add_marker(pytest.mark.lightning_compat)

@@ -1,7 +1,9 @@
-"""The standalone ``pytorch_lightning`` package: the same adapter code, renamed the way Lightning builds that package.
+"""Both Lightning packages: the unified ``lightning`` and the standalone ``pytorch_lightning`` (the same adapter code,
+renamed the way Lightning builds that package).
 
-A real 2-process ``pytorch_lightning.Trainer(strategy="gossip")`` fit, checkpoint and resume; and the renaming
-itself (every adapter module loads for pytorch_lightning and reaches no class of the unified package).
+A real 2-process fit, per-rank checkpoint and exact resume with each package's Trainer (the subset CI also runs on
+the lowest supported Lightning); and the renaming itself (every adapter module loads for pytorch_lightning and
+reaches no class of the unified package).
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("pytorch_lightning")
-
 pytestmark = pytest.mark.lightning_compat
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = Path(__file__).parent / "scripts" / "pl_fit.py"
+SCRIPT = Path(__file__).parent / "scripts" / "fit_resume.py"
 STEPS_PER_EPOCH = 5  # 80 samples, 2 ranks, batch 8
 
 
 def test_adapter_modules_are_built_for_pytorch_lightning_only():
-    import pytorch_lightning as pl
+    pl = pytest.importorskip("pytorch_lightning")
 
     import lightning_gossip.standalone as standalone
     from lightning_gossip.standalone import GossipMonitor, GossipStrategy
@@ -50,6 +50,7 @@ def test_adapter_modules_are_built_for_pytorch_lightning_only():
 
 
 def test_renaming_refuses_a_bare_lightning_import():
+    pytest.importorskip("pytorch_lightning")
     from lightning_gossip.standalone import translate
 
     assert translate("from lightning.pytorch.strategies import DDPStrategy\nimport lightning.fabric as F\n") == (
@@ -63,28 +64,39 @@ def test_renaming_refuses_a_bare_lightning_import():
         translate("import os\nfrom lightning import Trainer\n", "x.py")
 
 
-def test_pytorch_lightning_trainer_fits_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
+def test_fit_checkpoint_and_exact_resume(tmp_path, package):
+    """The popen launcher, per-rank checkpoints and an exact resume, with either package's Trainer."""
+    pytest.importorskip(package)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--devices", "2"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--package", package, "--devices", "2"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    base = "pytorch_lightning" if package == "pytorch_lightning" else "lightning.pytorch"
+    adapter = "lightning_gossip.standalone" if package == "pytorch_lightning" else "lightning_gossip"
     for rank in ranks:
-        assert rank["strategy_mro"][1] == "pytorch_lightning.strategies.ddp.DDPStrategy"
-        assert rank["monitor_callbacks"] == ["lightning_gossip.standalone.callbacks"]
+        assert rank["strategy_mro"][1] == f"{base}.strategies.ddp.DDPStrategy"
+        assert rank["monitor_callbacks"] == [f"{adapter}.callbacks"]
         assert "gossip/weight" in rank["logged"]
-        assert rank["steps"] == 2 * STEPS_PER_EPOCH
+        assert rank["first_steps"] == STEPS_PER_EPOCH
         assert rank["counters"]["messages_sent"] + rank["counters"]["messages_received"] > 0
-        assert rank["resumed_steps"] == 3 * STEPS_PER_EPOCH
-        assert rank["resumed_gossip_step"] == 3 * STEPS_PER_EPOCH  # the schedule went on from the checkpoint
-    # the ranks trained different models and ended on the exact consensus
-    assert not torch.equal(ranks[0]["local_params"][3], ranks[1]["local_params"][3])
-    assert torch.equal(ranks[0]["final_params"], ranks[1]["final_params"])
-    assert torch.equal(ranks[0]["resumed_final_params"], ranks[1]["resumed_final_params"])
-    # the checkpoint: the consensus model under state_dict, every rank's own state under "gossip"
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    saved = torch.cat([v.flatten() for k, v in checkpoint["state_dict"].items()])
-    torch.testing.assert_close(saved, ranks[0]["resumed_final_params"], rtol=0, atol=1e-6)  # last.ckpt: after resume
-    assert checkpoint["gossip"]["world_size"] == 2 and len(checkpoint["gossip"]["ranks"]) == 2
+        assert rank["resumed_steps"] == 2 * STEPS_PER_EPOCH
+        assert rank["resumed_gossip_step"] == 2 * STEPS_PER_EPOCH  # the schedule went on from the checkpoint
+        # exact resume: the second epoch after the resume is the second epoch of the straight run, bit for bit
+        assert torch.equal(rank["resumed_local"], rank["straight_local"][STEPS_PER_EPOCH:])
+        assert torch.equal(rank["resumed_final"], rank["straight_final"])
+    # the ranks trained different models, and every fit ended on the exact consensus
+    assert not torch.equal(ranks[0]["first_local"][-1], ranks[1]["first_local"][-1])
+    for key in ("first_final", "resumed_final", "straight_final"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    # the checkpoint: the consensus model under state_dict (loadable without gossip), each rank's own state too
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.cat([v.flatten() for v in checkpoint["state_dict"].values()])
+    torch.testing.assert_close(saved, ranks[0]["first_final"], rtol=0, atol=1e-6)
+    assert checkpoint["gossip"]["world_size"] == 2
+    own = [torch.cat([v.flatten() for v in r["model"].values()]) for r in checkpoint["gossip"]["ranks"]]
+    for r in range(2):
+        assert torch.equal(own[r], ranks[r]["first_local"][-1])
