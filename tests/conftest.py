@@ -1,10 +1,10 @@
 """Suite-wide markers.
 
 ``lightning_compat``: the tests CI also runs against the lowest Lightning version pyproject.toml allows (.ci/run's
-second virtual environment): tests/compat (Lightning's private names, the SIGTERM throttle, a popen-launched fit with
-per-rank checkpoints and an exact resume with each Lightning package), the spawn/fork launchers' checkpoint test and
-the torchrun launch. Marked here by path or test name so that those files need no change; chosen to keep that run
-to a few minutes.
+second virtual environment): tests/compat (a popen-launched fit with per-rank checkpoints and an exact resume with each
+Lightning package), tests/lightning/test_lightning_compat.py (Lightning's private names, the SIGTERM throttle), the
+spawn/fork launchers' checkpoint test and the torchrun launch. Marked here by path or test name so that those files
+need no change; chosen to keep that run to a few minutes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _TESTS = Path(__file__).resolve().parent
 # folders, files, or file::test-function (every parametrization of it)
 LIGHTNING_COMPAT = (
     "compat",
+    "lightning/test_lightning_compat.py",
     "lightning/test_checkpoint_consensus.py",
     "lightning/test_trainer_runs.py::test_torchrun_launch",
     "lightning/test_trainer_runs.py::test_strategy_names_are_registered_on_import",

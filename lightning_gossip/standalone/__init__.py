@@ -12,17 +12,21 @@ callbacks, launchers, checkpoint code and Lightning compatibility layer), when t
 ``lightning_gossip/<module>.py`` and compiled under the new name with its original file name and line numbers, so
 tracebacks point at the real file; the algorithm (:mod:`lightning_gossip.gossip`, plain torch) is shared as it is.
 
-Importing this package registers ``"gossip"``, ``"gossip_spawn"`` and ``"gossip_fork"`` in
-``pytorch_lightning``'s ``StrategyRegistry``::
+``import lightning_gossip`` registers ``"gossip"``, ``"gossip_spawn"`` and ``"gossip_fork"`` in ``pytorch_lightning``'s
+``StrategyRegistry`` (and ``lightning_fabric``'s) as soon as that package is imported, and the classes are here::
 
+    import lightning_gossip
     import pytorch_lightning as pl
-    from lightning_gossip.standalone import GossipStrategy   # or just strategy="gossip" after this import
+    from lightning_gossip.standalone import GossipStrategy
 
-    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy=GossipStrategy(p=0.1))
+    trainer = pl.Trainer(accelerator="cpu", devices=4, strategy="gossip")          # or GossipStrategy(p=0.1)
+
+``lightning_fabric`` (which the ``pytorch_lightning`` package ships) gets ``GossipFabricStrategy`` the same way.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -39,6 +43,8 @@ ADAPTER_MODULES = ("strategy", "callbacks", "launchers", "checkpoint_io", "_ligh
 _RENAMES = (
     (re.compile(r"\blightning\.pytorch\b"), "pytorch_lightning"),
     (re.compile(r"\blightning\.fabric\b"), "lightning_fabric"),
+    # version checks of the unified package (``compare_version("lightning", ...)``) ask about pytorch_lightning's
+    (re.compile(r"compare_version\(\s*([\"'])lightning\1"), 'compare_version("pytorch_lightning"'),
     (re.compile(r"\blightning_gossip\.(" + "|".join(re.escape(m) for m in ADAPTER_MODULES) + r")\b"),
      __name__ + r".\1"),
 )
@@ -93,12 +99,23 @@ class _RenamedAdapterFinder(importlib.abc.MetaPathFinder):
 if not any(isinstance(finder, _RenamedAdapterFinder) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RenamedAdapterFinder())
 
-from pytorch_lightning.strategies import StrategyRegistry  # noqa: E402
+# public name -> the renamed module that defines it; imported on first access. Importing a renamed module registers
+# its names in the standalone package's registry (``pytorch_lightning``'s StrategyRegistry, ``lightning_fabric``'s
+# STRATEGY_REGISTRY), which lightning_gossip/_registration.py also does as soon as that package is imported.
+_NAMES = {
+    "GossipStrategy": f"{__name__}.strategy",
+    "GossipMonitor": f"{__name__}.callbacks",
+    "GossipFabricStrategy": f"{__name__}.fabric",
+}
 
-from lightning_gossip.standalone.callbacks import GossipMonitor  # noqa: E402
-from lightning_gossip.standalone.strategy import GossipStrategy  # noqa: E402
 
-if "gossip" not in StrategyRegistry:
-    GossipStrategy.register_strategies(StrategyRegistry)
+def __getattr__(name: str) -> Any:
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-__all__ = ["ADAPTER_MODULES", "GossipMonitor", "GossipStrategy", "translate"]
+
+__all__ = ["ADAPTER_MODULES", "GossipFabricStrategy", "GossipMonitor", "GossipStrategy", "translate"]

@@ -1,12 +1,14 @@
-"""Every private Lightning name lightning_gossip relies on, checked so that a Lightning release that removes or
-changes one fails here, loudly, instead of a feature turning itself off.
+"""Every private Lightning name lightning_gossip relies on (they are imported in lightning_gossip/_lightning_compat.py),
+checked so that a Lightning release that removes or changes one fails here, loudly, instead of a feature turning
+itself off. CI runs this file on the newest Lightning and on the lowest that pyproject.toml allows.
 
 - Private imports: the package's source is scanned for ``from lightning... import _name``; each name found must have
-  an entry in ``EXPECTED`` below (a new private import without a check fails the scan), and each entry checks the
-  name exists with the shape the code uses (signature, attributes, behaviour).
+  an entry in ``EXPECTED`` below (a new private import without a check fails the scan; an entry no longer imported
+  fails too), and each entry checks that the name exists with the shape the code uses (signature, attributes,
+  behaviour).
 - Overrides: every method the adapter classes mark ``@override`` must exist in a Lightning base class (a renamed
   Lightning hook would otherwise never be called).
-- Private attributes read at run time (``DDPStrategy._launcher`` ..., ``Trainer._accelerator_connector``).
+- Private attributes read at run time (``DDPStrategy._launcher``, ``._start_method``, ``._checkpoint_io`` ...).
 - The SIGTERM throttle: where Lightning runs a per-step SIGTERM broadcast, a real 2-process fit shows the strategy
   throttles it (run every ``sigterm_sync_every`` steps, not every step); where Lightning has none (< 2.5), there is
   nothing to throttle and the loop is left alone.
@@ -41,11 +43,6 @@ def has_params(function: Callable, *names: str) -> None:
     assert not missing, f"{function.__qualname__}{inspect.signature(function)} lacks parameters {missing}"
 
 
-def check_strategy_registry(registry: Any) -> None:
-    has_params(registry.register, "name", "strategy", "description")
-    assert issubclass(registry, dict)
-
-
 def check_child_observer(observer: Any) -> None:
     assert issubclass(observer, threading.Thread)
     has_params(observer.__init__, "main_pid", "child_processes")
@@ -55,24 +52,6 @@ def check_child_observer(observer: Any) -> None:
 
 def check_is_local_file_protocol(function: Any) -> None:
     assert function("/tmp/x.ckpt") is True and function("s3://bucket/x.ckpt") is False
-
-
-def check_set_num_threads(function: Any) -> None:
-    has_params(function, "num_processes")
-
-
-def check_optimizers_to_device(function: Any) -> None:
-    has_params(function, "optimizers", "device")
-    param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
-    param.grad = torch.ones(2)
-    optimizer.step()
-    function([optimizer], torch.device("cpu"))
-    assert optimizer.state[param]["momentum_buffer"].device.type == "cpu"
-
-
-def check_sync_module_states(function: Any) -> None:
-    has_params(function, "module")
 
 
 def check_multiprocessing_launcher(launcher: Any) -> None:
@@ -100,18 +79,27 @@ def check_sigkill_signal(function: Any) -> None:
     assert function() == getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
+def check_training_epoch_loop(loop: Any) -> None:
+    from lightning.pytorch import Trainer
+
+    from lightning_gossip._lightning_compat import LIGHTNING_BROADCASTS_SIGTERM, SIGTERM_BROADCAST_METHOD
+
+    assert isinstance(Trainer(logger=False).fit_loop.epoch_loop, loop)
+    has_method = hasattr(loop, SIGTERM_BROADCAST_METHOD)
+    if LIGHTNING_BROADCASTS_SIGTERM:
+        assert has_method, f"Lightning >= 2.6 is expected to have {loop.__name__}.{SIGTERM_BROADCAST_METHOD}"
+    if has_method:
+        assert f"self.{SIGTERM_BROADCAST_METHOD}()" in inspect.getsource(loop.advance), \
+            f"{loop.__name__}.advance no longer calls {SIGTERM_BROADCAST_METHOD}: the throttle would replace nothing"
+
+
 # (module, private name) -> the check of the shape the code relies on
 EXPECTED: dict[tuple[str, str], Callable[[Any], None]] = {
-    ("lightning.fabric.strategies", "_StrategyRegistry"): check_strategy_registry,
     ("lightning.fabric.strategies.launchers.subprocess_script", "_ChildProcessObserver"): check_child_observer,
     ("lightning.fabric.utilities.cloud_io", "_is_local_file_protocol"): check_is_local_file_protocol,
-    ("lightning.fabric.utilities.distributed", "_set_num_threads_if_needed"): check_set_num_threads,
-    ("lightning.fabric.utilities.optimizer", "_optimizers_to_device"): check_optimizers_to_device,
-    ("lightning.pytorch.overrides.distributed", "_sync_module_states"): check_sync_module_states,
+    ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"): check_training_epoch_loop,
     ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"): check_multiprocessing_launcher,
     ("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher"): check_subprocess_launcher,
-    ("lightning.pytorch.strategies.launchers.subprocess_script", "_SubprocessScriptLauncher"):
-        check_subprocess_launcher,
     ("lightning.pytorch.trainer.connectors.signal_connector", "_get_sigkill_signal"): check_sigkill_signal,
 }
 
@@ -133,6 +121,8 @@ def test_every_private_import_has_a_check():
     unchecked = found - set(EXPECTED)
     assert not unchecked, f"private Lightning names imported without a check in EXPECTED: {sorted(unchecked)}"
     assert found, "the scan found no private import at all: is it still looking in the right place?"
+    unused = set(EXPECTED) - found
+    assert not unused, f"checked in EXPECTED but no longer imported by the package (remove them): {sorted(unused)}"
 
 
 @pytest.mark.parametrize("module, name", sorted(EXPECTED), ids=lambda v: v)
@@ -168,16 +158,19 @@ def test_every_override_overrides_something():
 
 
 def test_private_attributes_read_at_run_time():
-    import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
-
-    strategy = DDPStrategy(start_method="spawn")
-    assert strategy._start_method == "spawn" and strategy._layer_sync is None
-    assert "_launcher" in vars(strategy)
     from lightning.pytorch.trainer.connectors import accelerator_connector
 
+    strategy = DDPStrategy(start_method="spawn")
+    assert strategy._start_method == "spawn"
+    assert "_launcher" in vars(strategy) and "_checkpoint_io" in vars(strategy)
+    # GossipStrategy wraps DDPStrategy.checkpoint_io's getter and sets _checkpoint_io
+    assert "self._checkpoint_io" in inspect.getsource(DDPStrategy.checkpoint_io.fget)
     # GossipStrategy overrides _configure_launcher: Lightning must still call it
     assert "strategy._configure_launcher()" in inspect.getsource(accelerator_connector)
+    # lightning_gossip.app.data reads whether Lightning adds its DistributedSampler
+    import lightning as L
+
     trainer = L.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=False, logger=False)
     assert trainer._accelerator_connector.use_distributed_sampler is False
 
@@ -189,7 +182,8 @@ def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_pat
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "scripts" / "sigterm_fit.py"), str(tmp_path)],
+    script = REPO / "tests" / "compat" / "scripts" / "sigterm_fit.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     for rank in range(2):
