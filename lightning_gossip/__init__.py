@@ -3,9 +3,9 @@
 Importing the package registers the strategy names ``"gossip"``, ``"gossip_spawn"`` and ``"gossip_fork"`` in
 Lightning's strategy registries, so ``Trainer(strategy="gossip")`` and ``Fabric(strategy="gossip")`` work (also with the
 standalone ``pytorch_lightning`` / ``lightning_fabric`` packages: :mod:`lightning_gossip.standalone`). It does not
-import Lightning itself: the names are registered as soon as Lightning is imported (see :mod:`lightning_gossip._registration`), and the Lightning classes
-below are imported when first used, so ``import lightning_gossip.gossip`` (the plain-torch algorithm) stays free of
-Lightning.
+import Lightning itself: the names are registered as soon as Lightning is imported (see
+:mod:`lightning_gossip._registration`), and the Lightning classes below are imported when first used, so
+``import lightning_gossip.gossip`` (the plain-torch algorithm) stays free of Lightning.
 """
 
 from __future__ import annotations

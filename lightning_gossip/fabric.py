@@ -6,7 +6,8 @@ samplers, collectives) and never wraps the model in ``DistributedDataParallel``.
 :class:`~lightning_gossip.gossip.GossipOptions` and the algorithm is the same
 :class:`~lightning_gossip.gossip.GossipAverager`; this module only connects them to Fabric's seams:
 
-- ``fabric.setup(model, optimizer)`` -> :meth:`setup_module` builds the averager (rank 0's weights broadcast, a_i = 1/M);
+- ``fabric.setup(model, optimizer)`` -> :meth:`setup_module` builds the averager (rank 0's weights broadcast,
+  a_i = 1/M);
 - ``optimizer.step()`` -> :meth:`optimizer_step`: the optimizer step, then the gossip step;
 - ``fabric.save`` / ``fabric.load`` -> :meth:`save_checkpoint` / :meth:`load_checkpoint`: the saved model entry is the
   consensus (loadable without gossip); every rank's own weights, optimizer state and gossip state ride along, so a

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.lightning_compat
 

@@ -144,6 +144,10 @@ def test_ci_tests_the_lowest_lightning_that_pyproject_allows():
     lower = re.search(r">=\s*([\d.]+)", spec).group(1)
     ci = (REPO / ".ci" / "run").read_text()
     tested = re.search(r"^LIGHTNING_LOWEST=([\d.]+)$", ci, re.MULTILINE).group(1)
-    normalise = lambda v: tuple(int(x) for x in v.split(".")) + (0,) * (3 - len(v.split(".")))  # noqa: E731
+
+    def normalise(version: str) -> tuple[int, ...]:
+        parts = [int(x) for x in version.split(".")]
+        return tuple(parts + [0] * (3 - len(parts)))
+
     assert normalise(tested) == normalise(lower), f"pyproject allows {spec!r} but CI tests lightning=={tested}"
     assert '-m "lightning_compat and not slow and not soak"' in ci and "pytest -m wheel" in ci

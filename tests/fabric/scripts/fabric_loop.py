@@ -1,9 +1,11 @@
 """A user's own Fabric loop with gossip, unchanged but for the strategy:
-``python fabric_loop.py OUT --phase {straight,resume} [--strategy NAME | --p P] [--package lightning|lightning_fabric]``.
+``python fabric_loop.py OUT --phase {straight,resume} [--strategy NAME | --p P]
+[--package lightning|lightning_fabric]``.
 
-Fabric's popen launcher re-runs this script per rank (3 CPU processes). ``straight`` trains 2 epochs, saves a checkpoint
-after epoch 1 with ``fabric.save``, and ends with ``fabric.strategy.consensus_()``; ``resume`` starts from a fresh model,
-``fabric.load``\\ s that checkpoint and trains epoch 2 again. Each rank writes ``OUT/<phase>_rank{r}.pt``.
+Fabric's popen launcher re-runs this script per rank (3 CPU processes). ``straight`` trains 2 epochs, saves a
+checkpoint after epoch 1 with ``fabric.save``, and ends with ``fabric.strategy.consensus_()``; ``resume`` starts
+from a fresh model, ``fabric.load``\\ s that checkpoint and trains epoch 2 again. Each rank writes
+``OUT/<phase>_rank{r}.pt``.
 """
 
 import argparse
