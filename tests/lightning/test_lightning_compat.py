@@ -167,6 +167,14 @@ def test_private_attributes_read_at_run_time():
     assert "self._checkpoint_io" in inspect.getsource(DDPStrategy.checkpoint_io.fget)
     # GossipStrategy overrides _configure_launcher: Lightning must still call it
     assert "strategy._configure_launcher()" in inspect.getsource(accelerator_connector)
+    # GossipFabricStrategy sets Fabric's _backward_sync_control (no gradient sync to skip) and _checkpoint_io
+    from lightning.fabric import fabric as fabric_module
+    from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+    fabric_ddp = FabricDDPStrategy()
+    assert "_backward_sync_control" in vars(fabric_ddp) and "_checkpoint_io" in vars(fabric_ddp)
+    assert "self._strategy._backward_sync_control.no_backward_sync(" in inspect.getsource(fabric_module)
+    assert "self._checkpoint_io" in inspect.getsource(FabricDDPStrategy.checkpoint_io.fget)
     # lightning_gossip.app.data reads whether Lightning adds its DistributedSampler
     import lightning as L
 
