@@ -1,4 +1,6 @@
-"""Suite-wide markers.
+"""Settings shared by every test: one torch thread per process (the machines have 2 cores and the tests run many
+processes), and the harness in ``tests/helpers`` (``distributed.run_distributed`` for a function on several gloo ranks,
+``processes.run_command`` / ``run_script`` for whole process trees).
 
 ``lightning_compat``: the tests CI also runs against the lowest Lightning version pyproject.toml allows (.ci/run's
 second virtual environment): tests/compat (a popen-launched fit with per-rank checkpoints and an exact resume with each
@@ -9,9 +11,18 @@ need no change; chosen to keep that run to a few minutes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_process() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the processes the tests start
+
 
 _TESTS = Path(__file__).resolve().parent
 # folders, files, or file::test-function (every parametrization of it)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 COLLECTIVES = ("all_gather_object", "all_gather", "all_reduce", "broadcast", "broadcast_object_list", "barrier",
                "gather_object", "all_to_all")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.dist_utils import free_port
+from tests.helpers.distributed import free_port
 
 PG_TIMEOUT = timedelta(seconds=120)
 
