@@ -8,13 +8,13 @@ reaches no class of the unified package).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers.processes import run_script
 
 pytestmark = pytest.mark.lightning_compat
 
@@ -68,12 +68,9 @@ def test_renaming_refuses_a_bare_lightning_import():
 def test_fit_checkpoint_and_exact_resume(tmp_path, package):
     """The popen launcher, per-rank checkpoints and an exact resume, with either package's Trainer."""
     pytest.importorskip(package)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--package", package, "--devices", "2"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    run = run_script(SCRIPT, [str(tmp_path), "--package", package, "--devices", "2"], timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     base = "pytorch_lightning" if package == "pytorch_lightning" else "lightning.pytorch"
     adapter = "lightning_gossip.standalone" if package == "pytorch_lightning" else "lightning_gossip"

@@ -6,9 +6,6 @@ without gossip) and every rank's own state; ``fabric.load`` resumes every rank e
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +13,17 @@ import torch
 
 from lightning_gossip.gossip import GossipOptions
 from tests.fabric.scripts.fabric_loop import N, model_factory
+from tests.helpers.processes import run_script
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).parent / "scripts" / "fabric_loop.py"
 RANKS = 3
 STEPS = N // RANKS // 4
 
 
 def run_loop(out: Path, *args: str) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=env, cwd=out, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    run = run_script(SCRIPT, [str(out), *args], timeout=300, cwd=out)
+    assert run.returncode == 0, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
     phase = args[args.index("--phase") + 1]
     return [torch.load(out / f"{phase}_rank{r}.pt", weights_only=False) for r in range(RANKS)]
 

@@ -11,9 +11,6 @@ fit with ``accelerator="gpu"``; with 2+, the same fit gossips across GPUs and en
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
 from tests.gpu.nccl import gpu_count, run_nccl
+from tests.helpers.processes import run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -123,14 +121,11 @@ def test_first_exchange_after_a_collective_over_all_ranks_does_not_hang():
 
 def test_trainer_fit_on_gpus(tmp_path):
     """A real Lightning Trainer fit with accelerator="gpu" (all GPUs, up to 8; one is enough to run it)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
-        env.pop(key, None)
     devices = max(1, WORLD)
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "scripts" / "gpu_fit.py"), str(tmp_path),
-                           "--devices", str(devices)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    run = run_script(Path(__file__).parent / "scripts" / "gpu_fit.py", [str(tmp_path), "--devices", str(devices)],
+                     timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(devices)]
     for rank, r in enumerate(ranks):
         assert r["device"] == f"cuda:{rank}" and r["steps"] > 0
@@ -143,13 +138,11 @@ def test_trainer_fit_on_gpus(tmp_path):
 
 def test_benchmark_row_script_runs(tmp_path):
     out = tmp_path / "row.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "bench_row.py"), "--params", "1000000",
-                           "--steps", "20", "--warmup", "5", "--out", str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run = run_script(Path(__file__).parent / "bench_row.py",
+                     ["--params", "1000000", "--steps", "20", "--warmup", "5", "--out", str(out)], timeout=600)
+    assert run.returncode == 0, run.output[-6000:]
     row = json.loads(out.read_text())
     assert row["world_size"] == max(1, WORLD) and row["device"] and row["torch"]
     if WORLD >= 2:
         assert row["gossip_p0.1_ms"] > 0 and row["allreduce_ms"] > 0
-    assert "|" in proc.stdout
+    assert "| card |" in run.output

@@ -20,15 +20,14 @@ import ast
 import importlib
 import inspect
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from tests.helpers.processes import run_script
 
 pytestmark = pytest.mark.lightning_compat
 
@@ -186,13 +185,9 @@ def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_pat
     from lightning.pytorch.loops import training_epoch_loop
 
     per_step_broadcast = "broadcast(" in inspect.getsource(training_epoch_loop)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "RANK"):
-        env.pop(key, None)
     script = REPO / "tests" / "compat" / "scripts" / "sigterm_fit.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    run = run_script(script, [str(tmp_path)], timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.output[-6000:]
     for rank in range(2):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["steps"] == 10

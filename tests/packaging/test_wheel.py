@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.processes import run_command
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["trainer=debug", "extras.print_config=false", "callbacks.progress_bar.refresh_rate=0",
         "strategy.timeout.seconds=60"]
@@ -117,13 +119,15 @@ def test_installed_wheel_runs_the_app_from_an_empty_directory(installed_wheel, t
     assert "site-packages" in where[0] and not where[0].startswith(str(REPO)), where
     assert where[1] == "pkg://lightning_gossip.conf"
 
-    proc = checked(subprocess.run([str(python), "-m", "lightning_gossip.train", *TINY], cwd=work, env=clean_env(),
-                                  capture_output=True, text=True, timeout=600))
+    # the app starts its worker processes: run it as a process group that is waited for and never left behind
+    run = run_command([str(python), "-m", "lightning_gossip.train", *TINY], timeout=600, env=clean_env(), cwd=work)
+    assert run.returncode == 0, run.output[-8000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
     (results,) = work.glob("logs/train/runs/*/results.json")
     result = json.loads(results.read_text())
     assert result["world_size"] == 2 and result["epochs"] == 1 and result["gossip"] is True
     assert 0.0 <= result["metrics"]["test/acc"] <= 1.0
-    assert "Test accuracy of the consensus model" in proc.stdout
+    assert "Test accuracy of the consensus model" in run.output
 
     # a user's config folder on top of the shipped configs
     user = tmp_path / "my_conf" / "strategy"
