@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 from subprocess import Popen
 from typing import Any, Callable, Optional
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -38,7 +39,14 @@ class GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
     @override
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
         self._before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except SIGTERMException as stopped:
+            # Lightning stops a fit after SIGTERM with SIGTERMException(), a SystemExit with exit code 0: a
+            # preempted run would look like a finished one to torchrun's agent, a scheduler or CI.
+            if stopped.code in (None, 0):
+                raise SIGTERMException(128 + int(signal.SIGTERM)) from stopped
+            raise
 
     @override
     def _call_children_scripts(self) -> None:
