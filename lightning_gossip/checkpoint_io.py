@@ -125,6 +125,7 @@ def remove_stale_temporary_files(directory: str, name: str) -> list[str]:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running (a zombie, dead but not yet reaped by its parent, is not)."""
     if pid == os.getpid():
         return True
     try:
@@ -133,6 +134,10 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    with suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
     return True
 
 

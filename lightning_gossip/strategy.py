@@ -13,10 +13,11 @@ import atexit
 import logging
 import math
 import os
+import socket
 import uuid
-from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from datetime import timedelta
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ from lightning_gossip._lightning_compat import (
 )
 from lightning_gossip.checkpoint_io import (
     AtomicCheckpointIO,
+    _process_alive,
     check_checkpoint_fits,
     part_path,
     parts_root,
@@ -46,7 +48,7 @@ from lightning_gossip.checkpoint_io import (
 )
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
-from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
+from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
@@ -293,11 +295,53 @@ class GossipStrategy(DDPStrategy):
         elif self._resume_step is not None:
             self.averager.continue_schedule_at(self._resume_step)
         self._resume_step = None
+        self._register_processes()
         trainer = self.lightning_module.trainer
         # The gossip step count is the same on every rank before each training step, so the broadcast stays a
         # matched collective.
         every = self.sigterm_sync_every
         throttle_sigterm_broadcast(trainer, lambda: every is not None and self.gossip_step % every == 0)
+
+    # -- naming a lost rank -----------------------------------------------------------------------------------------
+    def _register_processes(self) -> None:
+        """Every rank's (host, pid), gathered once at setup: a failed collective can then name the ranks that are gone
+        (on this host) instead of "one of ranks 1, 2, 3"."""
+        self._processes: list[tuple[str, int]] = []
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        everyone: list[Any] = [None] * self.world_size
+        with collective_guard("the exchange of every rank's process id at setup"):
+            dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
+        self._processes = [(str(host), int(pid)) for host, pid in everyone]
+
+    def _gone_ranks(self) -> list[int]:
+        host = socket.gethostname()
+        return [rank for rank, (rank_host, pid) in enumerate(getattr(self, "_processes", []))
+                if rank != self.global_rank and rank_host == host and not _process_alive(pid)]
+
+    @contextmanager
+    def _naming_lost_ranks(self, what: str) -> Iterator[None]:
+        """Around a collective: a failure becomes a :class:`GossipPeerError` that names the ranks whose processes are
+        gone, where this rank can see them (same host); otherwise the error is left as it is."""
+        try:
+            with collective_guard(what):
+                yield
+        except GossipPeerError as error:
+            gone = self._gone_ranks()
+            if not gone or set(error.peers) == set(gone):
+                raise
+            # chained to the backend's error, not to the vaguer one ("one of ranks ...") it replaces
+            raise peer_lost_error(self.global_rank, gone, what, error.__cause__ or error) from (error.__cause__ or error)
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        with self._naming_lost_ranks("the reduction of a logged value (sync_dist)"):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self._naming_lost_ranks(f"a broadcast from rank {src} (e.g. ModelCheckpoint's decision)"):
+            return super().broadcast(obj, src=src)
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -328,7 +372,7 @@ class GossipStrategy(DDPStrategy):
         mine = torch.tensor([int(batches) if math.isfinite(batches) else -1], dtype=torch.int64,
                             device=self.root_device)
         everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        with collective_guard("the check that every rank's epoch has as many batches"):
+        with self._naming_lost_ranks("the check that every rank's epoch has as many batches"):
             dist.all_gather(everyone, mine)
         counts = [int(t.item()) for t in everyone]
         if len(set(counts)) > 1:
@@ -343,7 +387,8 @@ class GossipStrategy(DDPStrategy):
     @override
     def on_train_end(self) -> None:
         if self.averager is not None:
-            self.averager.end()
+            with self._naming_lost_ranks("the end of training (drain, step-count check, final consensus)"):
+                self.averager.end()
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _enter_consensus(self) -> None:
@@ -351,7 +396,8 @@ class GossipStrategy(DDPStrategy):
             return
         if self._eval_stack is None:
             self._eval_stack = ExitStack()
-            self._eval_stack.enter_context(self.averager.consensus_swapped_in())
+            with self._naming_lost_ranks("the consensus for evaluation"):
+                self._eval_stack.enter_context(self.averager.consensus_swapped_in())
 
     def _leave_consensus(self) -> None:
         if self._eval_stack is not None:
@@ -404,7 +450,7 @@ class GossipStrategy(DDPStrategy):
         assert self.lightning_module is not None
         if self.averager is None or self.world_size == 1 or not dist.is_initialized():
             return self.lightning_module.state_dict()
-        with self.averager.consensus_swapped_in():
+        with self._naming_lost_ranks("the consensus for a checkpoint"), self.averager.consensus_swapped_in():
             return {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
 
     @override
@@ -442,7 +488,7 @@ class GossipStrategy(DDPStrategy):
         relative = os.path.join(os.path.basename(parts_root(path)), save_id)
         self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
         del mine
-        with collective_guard("the barrier after every rank wrote its checkpoint part"):
+        with self._naming_lost_ranks("the barrier after every rank wrote its checkpoint part"):
             dist.barrier()  # every part is on disk before the main file names them
         if self.is_global_zero:
             gossip = {"world_size": self.world_size, "step": self.gossip_step, "parts": relative, "save_id": save_id}
@@ -455,7 +501,7 @@ class GossipStrategy(DDPStrategy):
         the same with or without saving)."""
         code = torch.tensor(list(uuid.uuid4().bytes) if self.is_global_zero else [0] * 16, dtype=torch.uint8,
                             device=self.root_device)
-        with collective_guard("the broadcast of a checkpoint's save id"):
+        with self._naming_lost_ranks("the broadcast of a checkpoint's save id"):
             dist.broadcast(code, src=0)
         return bytes(code.cpu().tolist()).hex()
 
@@ -531,7 +577,7 @@ class GossipStrategy(DDPStrategy):
 
     @override
     def barrier(self, name: Optional[str] = None) -> None:
-        with collective_guard(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
+        with self._naming_lost_ranks(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
             super().barrier(name)
 
     @override

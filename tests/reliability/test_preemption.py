@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +112,21 @@ def test_main_checkpoint_does_not_grow_with_the_number_of_workers(tmp_path: Path
     assert main4 < 4 * one_model, sizes  # the consensus model and rank 0's optimizer state, not one per worker
     assert len(parts4) == 4 and len(parts2) == 2 and max(parts4) < 1.1 * max(parts2), sizes
     print(f"main checkpoint: {main2} bytes with 2 workers, {main4} bytes with 4; parts {parts2} / {parts4}")
+
+
+def test_rank_lost_in_lightnings_own_collective_is_named(tmp_path: Path) -> None:
+    """3 workers; rank 2 is SIGKILLed inside validation: the survivors fail in Lightning's sync_dist reduction (a
+    collective, which cannot tell who is gone) and still name rank 2; the launcher reports it; no live rank is named."""
+    plan = [{"name": "lost", "epochs": 3}]
+    run = run_script("gossip_fit.py", [str(tmp_path), "--devices", "3", *COMMON, "--kill-in-validation", "2",
+                                       "--plan", json.dumps(plan)], timeout=PG_TIMEOUT_S + 240, linger=30)
+    output = run.output
+    assert "FAULT: rank 2 killed in validation" in output
+    assert run.returncode != 0 and not run.survivors, (run.survivors, output[-6000:])
+    assert "lost worker rank 2 (pid" in output, output[-6000:]
+    assert "lost worker rank 1" not in output  # killed by rank 0 after the failure: stopped, not lost
+    named = re.findall(r"Rank (\d) lost gossip peer ranks? ([\d, ]+) during ([^:]+):", output)
+    assert named, output[-6000:]
+    for rank, peers, what in named:
+        assert "2" in peers.split(", "), (rank, peers, what)  # the lost rank, never only a live one
+    assert "One of ranks 1, 2 most likely died" not in output  # the vague form, replaced by the name

@@ -12,6 +12,8 @@ Faults (for the tests of dead workers and preemption):
   --sleep-in-save N --sleep-s S rank 0 sleeps S seconds when it starts writing its part of the N-th checkpoint save
                                 (after noting OUT/in_save.txt), so a signal sent then lands inside the save; every rank
                                 notes its pid in OUT/pid_rank{r}.txt when training starts.
+  --kill-in-validation R        rank R sends itself SIGKILL at the first batch of the 2nd validation (after the
+                                consensus was swapped in; the others then fail in Lightning's sync_dist reduction).
   --uneven K                    rank r trains on a shard of n + K*r samples (no DistributedSampler): uneven epochs.
   --kill-rank R --kill-step S   rank R sends itself SIGKILL right after optimizer step S (global step S+1 done).
   --kill-in-save N              rank 0 sends itself SIGKILL just after it opens its N-th file for writing inside a
@@ -115,6 +117,15 @@ def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
     builtins.open = open_
 
 
+class KillInValidation(L.Callback):
+    def __init__(self, out: str, rank: int) -> None:
+        self.out, self.rank = out, rank
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == 1 and not trainer.sanity_checking:
+            die(self.out, f"rank {self.rank} killed in validation")
+
+
 class SleepInSave(L.Callback):
     def __init__(self, out: str, nth: int, sleep_s: float) -> None:
         self.out, self.nth, self.sleep_s = out, nth, sleep_s
@@ -183,6 +194,7 @@ def main() -> None:
     parser.add_argument("--sleep-in-save", type=int, default=None)
     parser.add_argument("--sleep-s", type=float, default=8.0)
     parser.add_argument("--uneven", type=int, default=0)
+    parser.add_argument("--kill-in-validation", type=int, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -217,6 +229,8 @@ def main() -> None:
             )
         if args.kill_rank is not None:
             callbacks.append(KillAtStep(args.out, args.kill_rank, args.kill_step))
+        if args.kill_in_validation is not None:
+            callbacks.append(KillInValidation(args.out, args.kill_in_validation))
         if args.sleep_in_save is not None:
             callbacks.append(SleepInSave(args.out, args.sleep_in_save, args.sleep_s))
         trainer = L.Trainer(
