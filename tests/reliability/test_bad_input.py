@@ -57,6 +57,10 @@ BAD_OPTIONS = [
     ({"eval_mode": "avg"}, ValueError, ["eval_mode must be one of ('consensus', 'local')", "got 'avg'"]),
     ({"seed": "1"}, TypeError, ["seed must be None or an int", "got '1'"]),
     ({"seed": 1.5}, TypeError, ["seed must be None or an int", "got 1.5"]),
+    ({"final_consensus": "false"}, TypeError, ["final_consensus must be True or False", "got 'false' (str)"]),
+    ({"mix_buffers": "no"}, TypeError, ["mix_buffers must be True or False", "got 'no' (str)"]),
+    ({"monitor": "yes"}, TypeError, ["monitor must be True or False", "got 'yes' (str)"]),
+    ({"sigterm_sync_every": 0}, ValueError, ["sigterm_sync_every must be None or an integer >= 1", "got 0"]),
     ({"timeout": 30}, TypeError, ["timeout must be None or a positive datetime.timedelta", "got 30"]),
     ({"timeout": timedelta(0)}, TypeError, ["positive datetime.timedelta", "got datetime.timedelta(0)"]),
 ]
