@@ -121,7 +121,8 @@ def lost_worker_message(rank: int, pid: int, code: int) -> str:
         how = f"exit code {code}"
     return (
         f"GossipStrategy: lost worker rank {rank} (pid {pid}, {how}). Stopping every worker process, rank 0 "
-        "included, so that none is left waiting for it; restart from the last checkpoint (Trainer.fit(ckpt_path=...)).\n"
+        "included, so that none is left waiting for it; restart from the last checkpoint "
+        "(Trainer.fit(ckpt_path=...)).\n"
     )
 
 

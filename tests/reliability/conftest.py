@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.procs import Run, run_script, script_env
+from tests.helpers.processes import Run, run_script, script_env
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 # 80 samples, batch 8, 2 workers: 5 optimizer steps per epoch (3 workers: 27 samples each, 4 steps). With p=0.4 and
 # the script's seed the last step of epoch 1 has exactly one message (rank 0 -> rank 1) with 2 workers: the workers'
@@ -35,7 +37,7 @@ FAULT_TIMEOUT_S = 60
 
 def fit(out: Path, plan: list[dict], devices: int = WORKERS, extra: tuple = (), timeout: float = 300.0, **kw) -> Run:
     args = [str(out), "--devices", str(devices), *COMMON, *extra, "--plan", json.dumps(plan)]
-    return run_script("gossip_fit.py", args, timeout=timeout, **kw)
+    return run_script(SCRIPTS / "gossip_fit.py", args, timeout=timeout, **kw)
 
 
 def ok(run: Run) -> Run:

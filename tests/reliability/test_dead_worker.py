@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.dist_utils import free_port
+from tests.helpers.distributed import free_port
 from tests.reliability.conftest import FAULT_TIMEOUT_S, STEPS_PER_EPOCH, STEPS_PER_EPOCH_3
 from tests.reliability.test_resume import assert_same_rank_state, load, rank_parts
 from tests.reliability.workers import fault_worker

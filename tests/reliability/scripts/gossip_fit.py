@@ -155,7 +155,8 @@ def snapshot(trainer) -> dict:
     s = trainer.strategy
     module = trainer.lightning_module
     averager = getattr(s, "averager", None)
-    pending = list(averager.exchange.pending) if averager is not None else []  # exchanges posted, not mixed in yet, oldest first
+    # exchanges posted, not mixed in yet, oldest first
+    pending = list(averager.exchange.pending) if averager is not None else []
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "gossip_weight": s.gossip_weight,

@@ -1,4 +1,7 @@
-"""Running the reliability scripts as real process trees, with hard timeouts and a check that nothing survives."""
+"""Running scripts and modules as real process trees, with hard timeouts and a check that nothing survives.
+
+Each command runs in a process group of its own (``start_new_session``), so the test can wait for every process it
+started, report the ones that outlive it, and kill them all by group, never by name."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -60,18 +62,28 @@ class Run:
         return f"Run(rc={self.returncode}, elapsed={self.elapsed:.1f}s, survivors={self.survivors})"
 
 
-def run_script(
-    name: str, args: list[str], timeout: float, linger: float = 30.0, env: Optional[dict[str, str]] = None
-) -> Run:
-    """Run ``scripts/name`` with ``args`` in its own process group; wait for it and every process it started.
+def run_script(script: Path, args: list[str], timeout: float, **kwargs: object) -> Run:
+    """Run the Python script ``script`` with ``args`` (see :func:`run_command`)."""
+    return run_command([sys.executable, str(script), *args], timeout, **kwargs)  # type: ignore[arg-type]
 
-    Whatever is still alive after ``timeout`` (the launcher) or ``linger`` more seconds (its workers) is reported in
-    ``survivors`` and then killed, so a failing test never leaves processes behind.
+
+def run_command(
+    cmd: list[str],
+    timeout: float,
+    linger: float = 30.0,
+    env: Optional[dict[str, str]] = None,
+    cwd: Optional[Path] = None,
+) -> Run:
+    """Run ``cmd`` in its own process group; wait for it and every process it started.
+
+    The output is stdout and stderr together. Whatever is still alive after ``timeout`` (the command) or ``linger``
+    more seconds (its workers) is reported in ``survivors`` and then killed, so a failing test never leaves processes
+    behind; a command that does not finish within ``timeout`` fails the test with its output.
     """
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / name), *args],
-        cwd=str(ROOT),
+        cmd,
+        cwd=str(cwd or ROOT),
         env=env or script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -85,7 +97,7 @@ def run_script(
             kill_group(pgid)
             output, _ = proc.communicate()
             raise AssertionError(
-                f"{name} {args} did not finish within {timeout}s; output:\n{output.decode(errors='replace')[-5000:]}"
+                f"{cmd} did not finish within {timeout}s; output:\n{output.decode(errors='replace')[-5000:]}"
             ) from None
         deadline = time.monotonic() + linger
         while group_members(pgid) and time.monotonic() < deadline:
