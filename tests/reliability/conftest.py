@@ -90,10 +90,11 @@ def _other_filesystem_tmpdir(near: Path) -> str | None:
 @pytest.fixture(scope="session")
 def killed_in_save_run(tmp_path_factory) -> tuple[Path, Run]:
     out = tmp_path_factory.mktemp("killed_in_save")
-    # Writes in the checkpoint directory: epoch0.ckpt, last.ckpt (end of epoch 1), epoch1.ckpt, last.ckpt (epoch 2):
-    # rank 0 dies just after opening the file of the 4th, the overwrite of last.ckpt.
+    # Rank 0's writes in the checkpoint directory, each a per-rank part then the main file: epoch0.ckpt, last.ckpt (end
+    # of epoch 1), epoch1.ckpt, last.ckpt (epoch 2): rank 0 dies just after opening the 8th file, the overwrite of
+    # last.ckpt (its part for the new save is written already).
     plan = [{"name": "killed", "epochs": 3, "ckpt_dir": str(out / "ck"), "save_last": True}]
-    extra = ("--kill-in-save", "4", "--timeout-s", str(FAULT_TIMEOUT_S))
+    extra = ("--kill-in-save", "8", "--timeout-s", str(FAULT_TIMEOUT_S))
     # Lightning's own writer goes through the system temp dir and moves the file into place; on another filesystem
     # that move is a copy into last.ckpt itself. Put TMPDIR on another filesystem so that case is what is tested.
     tmpdir = _other_filesystem_tmpdir(out)
