@@ -67,8 +67,8 @@ def _unreadable(path: Any, error: BaseException) -> RuntimeError:
     with suppress(OSError, TypeError):
         size = f" ({os.path.getsize(path)} bytes)"
     return RuntimeError(
-        f"Could not read the checkpoint {os.fspath(path)}{size}: {type(error).__name__}: {error}. The file is truncated "
-        "(a copy or a save that did not finish, a full disk) or not a checkpoint; resume from an earlier one."
+        f"Could not read the checkpoint {os.fspath(path)}{size}: {type(error).__name__}: {error}. The file is "
+        "truncated (a copy or a save that did not finish, a full disk) or not a checkpoint; resume from an earlier one."
     )
 
 
