@@ -331,7 +331,8 @@ class GossipStrategy(DDPStrategy):
             if not gone or set(error.peers) == set(gone):
                 raise
             # chained to the backend's error, not to the vaguer one ("one of ranks ...") it replaces
-            raise peer_lost_error(self.global_rank, gone, what, error.__cause__ or error) from (error.__cause__ or error)
+            cause = error.__cause__ or error
+            raise peer_lost_error(self.global_rank, gone, what, cause) from cause
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.procs import run_script
+from tests.helpers.processes import run_script
+from tests.reliability.conftest import SCRIPTS
 
 RUNS = 10
 
@@ -19,7 +20,7 @@ def test_finished_fits_exit_with_zero_every_time(tmp_path: Path) -> None:
     for attempt in range(RUNS):
         out = tmp_path / f"run{attempt}"
         plan = [{"name": "short", "epochs": 1}]
-        run = run_script("gossip_fit.py", [str(out), "--devices", "2", "--n", "32", "--p", "0.5", "--plan",
+        run = run_script(SCRIPTS / "gossip_fit.py", [str(out), "--devices", "2", "--n", "32", "--p", "0.5", "--plan",
                                            json.dumps(plan)], timeout=240)
         codes.append(run.returncode)
         assert not run.survivors, run.survivors

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import free_port
-from tests.reliability.procs import ROOT, SCRIPTS, kill_group, script_env
+from tests.helpers.distributed import free_port
+from tests.helpers.processes import ROOT, kill_group, script_env
+from tests.reliability.conftest import SCRIPTS
 
 NODES, PER_NODE = 2, 2
 

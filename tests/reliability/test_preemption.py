@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.procs import SCRIPTS, ROOT, group_members, kill_group, run_script, script_env, wait_for
+from tests.helpers.processes import ROOT, group_members, kill_group, run_script, script_env
+from tests.reliability.app_procs import wait_for
+from tests.reliability.conftest import SCRIPTS
 from tests.reliability.test_resume import rank_parts
 
 # GossipStrategy(timeout=...): a deadlock would last this long before the process group gives up
@@ -75,8 +77,8 @@ def test_sigterm_to_every_rank_during_a_save(tmp_path: Path) -> None:
     print(f"SIGTERM to every rank inside a save: every process gone {stopped:.1f} s after the signal")
     resumed_out = tmp_path / "resumed"
     plan = [{"name": "resumed", "epochs": 3, "resume": str(ck / "last.ckpt")}]
-    run = run_script("gossip_fit.py", [str(resumed_out), "--devices", "2", *COMMON, "--plan", json.dumps(plan)],
-                     timeout=300)
+    args = [str(resumed_out), "--devices", "2", *COMMON, "--plan", json.dumps(plan)]
+    run = run_script(SCRIPTS / "gossip_fit.py", args, timeout=300)
     assert run.returncode == 0 and not run.survivors, run.output[-6000:]
     record = torch.load(resumed_out / "resumed_rank0.pt", weights_only=False)
     assert record["start"]["global_step"] == torch.load(ck / "last.ckpt", weights_only=True)["global_step"]
@@ -85,7 +87,7 @@ def test_sigterm_to_every_rank_during_a_save(tmp_path: Path) -> None:
 def test_uneven_shards_fail_at_once_naming_the_counts(tmp_path: Path) -> None:
     plan = [{"name": "uneven", "epochs": 2}]
     # rank 0: 40 samples (5 batches), rank 1: 48 (6 batches)
-    run = run_script("gossip_fit.py", [str(tmp_path), "--devices", "2", *COMMON, "--uneven", "8",
+    run = run_script(SCRIPTS / "gossip_fit.py", [str(tmp_path), "--devices", "2", *COMMON, "--uneven", "8",
                                        "--plan", json.dumps(plan)], timeout=PG_TIMEOUT_S + 200)
     assert run.returncode != 0
     assert not run.survivors, run.survivors
@@ -100,7 +102,7 @@ def test_main_checkpoint_does_not_grow_with_the_number_of_workers(tmp_path: Path
     for workers in (2, 4):
         out = tmp_path / f"w{workers}"
         plan = [{"name": "size", "epochs": 1, "ckpt_dir": str(out / "ck"), "hidden": 512}]
-        run = run_script("gossip_fit.py", [str(out), "--devices", str(workers), "--n", "64", "--p", "0.4",
+        run = run_script(SCRIPTS / "gossip_fit.py", [str(out), "--devices", str(workers), "--n", "64", "--p", "0.4",
                                            "--timeout-s", "120", "--plan", json.dumps(plan)], timeout=500)
         assert run.returncode == 0 and not run.survivors, run.output[-6000:]
         (main,) = (out / "ck").glob("*.ckpt")
@@ -118,7 +120,7 @@ def test_rank_lost_in_lightnings_own_collective_is_named(tmp_path: Path) -> None
     """3 workers; rank 2 is SIGKILLed inside validation: the survivors fail in Lightning's sync_dist reduction (a
     collective, which cannot tell who is gone) and still name rank 2; the launcher reports it; no live rank is named."""
     plan = [{"name": "lost", "epochs": 3}]
-    run = run_script("gossip_fit.py", [str(tmp_path), "--devices", "3", *COMMON, "--kill-in-validation", "2",
+    run = run_script(SCRIPTS / "gossip_fit.py", [str(tmp_path), "--devices", "3", *COMMON, "--kill-in-validation", "2",
                                        "--plan", json.dumps(plan)], timeout=PG_TIMEOUT_S + 240, linger=30)
     output = run.output
     assert "FAULT: rank 2 killed in validation" in output
