@@ -57,8 +57,6 @@ PARENT_PID_ENV = "LIGHTNING_GOSSIP_PARENT_PID"
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 RESULTS_FILE = "results.json"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-# the repository's conf/ (the app runs from a checkout or an editable install)
-_REPO_CONF = Path(_PACKAGE_PARENT) / "conf"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -500,9 +498,12 @@ def main() -> None:
         return
     import hydra
 
+    from lightning_gossip.app.config_source import CONFIG_NAME, config_path
+
     register_resolvers()
 
-    @hydra.main(version_base="1.3", config_path=str(_REPO_CONF), config_name="train")
+    # the configs shipped in the package (or a checkout's conf/); add your own with --config-dir
+    @hydra.main(version_base="1.3", config_path=config_path(), config_name=CONFIG_NAME)
     def _hydra_main(cfg: DictConfig) -> Optional[float]:
         metrics = run(cfg)
         value = metrics.get("test/acc", metrics.get("val/acc"))

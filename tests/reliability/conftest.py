@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import SCRIPTS
 from tests.helpers.processes import Run, run_script, script_env
-
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 # 80 samples, batch 8, 2 workers: 5 optimizer steps per epoch (3 workers: 27 samples each, 4 steps). With p=0.4 and
 # the script's seed the last step of epoch 1 has exactly one message (rank 0 -> rank 1) with 2 workers: the workers'

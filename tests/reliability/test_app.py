@@ -4,8 +4,8 @@ resuming a checkpoint the app wrote, ``last.ckpt`` every epoch, two jobs started
 refused before any worker starts.
 
 Every run is a real process tree (Hydra process, torch's elastic agent in it, worker processes in sessions of their
-own); every process of a run is found by a marker in its environment (see app_procs.AppRun) and killed by pid when
-a test fails, and each wait has a timeout.
+own); every process of a run is found by a marker in its environment (see procs.AppRun) and killed by pid when a test
+fails, and each wait has a timeout.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.app_procs import AppRun, wait_for
+from tests.helpers.processes import AppRun, wait_for
 
 # 2 workers, 4 training steps per epoch, 2 val/test batches; no loggers or progress bar (less to start on 2 cores)
 TINY = ["trainer=debug", "extras.print_config=false", "callbacks.progress_bar.refresh_rate=0", "logger=none",
         "strategy.timeout.seconds=60"]
 STEPS_PER_EPOCH = 4
-FAULT = "+callbacks.fault._target_=tests.reliability.app_faults.KillOnce"
 # Starting 2 workers (Lightning and torch imported three times over) takes tens of seconds on 2 busy cores.
 START_S = 240
 
@@ -39,8 +38,9 @@ def test_lost_worker_restarts_and_resumes(tmp_path: Path) -> None:
     """max_restarts=1: rank 1 is SIGKILLed in epoch 2; the group restarts, resumes from last.ckpt, finishes epoch 3."""
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=3", "max_restarts=1", "shutdown_timeout=10", f"hydra.run.dir={run_dir}",
-            FAULT, f"+callbacks.fault.marker_dir={tmp_path}", "+callbacks.fault.rank=1",
-            f"+callbacks.fault.at_step={STEPS_PER_EPOCH + 2}"]
+            "+callbacks.fault._target_=tests.reliability.app_faults.KillOnce",
+            f"+callbacks.fault.marker_dir={tmp_path}",
+            "+callbacks.fault.rank=1", f"+callbacks.fault.at_step={STEPS_PER_EPOCH + 2}"]
     with AppRun(args, tmp_path) as app:
         code = app.wait(2 * START_S)
         output = app.output
@@ -59,7 +59,9 @@ def test_lost_worker_without_restarts_fails_naming_it(tmp_path: Path) -> None:
     """max_restarts=0 (the default): the job fails at once, names the lost rank, and leaves nothing running."""
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=2", "shutdown_timeout=10", f"hydra.run.dir={run_dir}",
-            FAULT, f"+callbacks.fault.marker_dir={tmp_path}", "+callbacks.fault.rank=1", "+callbacks.fault.at_step=2"]
+            "+callbacks.fault._target_=tests.reliability.app_faults.KillOnce",
+            f"+callbacks.fault.marker_dir={tmp_path}",
+            "+callbacks.fault.rank=1", "+callbacks.fault.at_step=2"]
     with AppRun(args, tmp_path) as app:
         code = app.wait(START_S + 60)
         output = app.output

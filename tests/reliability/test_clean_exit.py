@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import SCRIPTS
 from tests.helpers.processes import run_script
-from tests.reliability.conftest import SCRIPTS
 
 RUNS = 10
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.distributed import free_port
+from tests.reliability import SCRIPTS
 from tests.helpers.processes import ROOT, kill_group, script_env
-from tests.reliability.conftest import SCRIPTS
 
 NODES, PER_NODE = 2, 2
 

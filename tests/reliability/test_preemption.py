@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.processes import ROOT, group_members, kill_group, run_script, script_env
-from tests.reliability.app_procs import wait_for
-from tests.reliability.conftest import SCRIPTS
+from tests.reliability import SCRIPTS
+from tests.helpers.processes import ROOT, group_members, kill_group, run_script, script_env, wait_for
 from tests.reliability.test_resume import rank_parts
 
 # GossipStrategy(timeout=...): a deadlock would last this long before the process group gives up
