@@ -236,7 +236,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
             averager.step()
         elif cfg.method == "local_sgd":
             averager.average_parameters(params)  # before the next zero_grad: it skips params whose grad is None
-            if step % cfg.period == 0:
+            if (step - 1) % cfg.period == 0:  # its own counter starts at 0: it averages at steps 1, 1+H, 1+2H, ...
                 bytes_sent += allreduce_bytes
         elif cfg.method == "ddp":
             bytes_sent += allreduce_bytes
