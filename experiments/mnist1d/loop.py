@@ -274,6 +274,12 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if ft is not None:
+        # torchft's native background threads can abort the interpreter's teardown ("terminate called without an
+        # active exception"); everything is written and every rank is past the barrier, so leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _torchft_setup(cfg: RunConfig, net, opt, rank: int, world: int, lighthouse: Optional[str]) -> dict:
@@ -311,7 +317,7 @@ def _torchft_setup(cfg: RunConfig, net, opt, rank: int, world: int, lighthouse: 
 
     def exit_():
         wrapper.__exit__(None, None, None)
-        manager.shutdown(wait=False)
+        manager.shutdown(wait=True)
 
     return {"manager": manager, "wrapper": wrapper, "store": store, "exit": exit_}
 
