@@ -317,7 +317,7 @@ def _torchft_setup(cfg: RunConfig, net, opt, rank: int, world: int, lighthouse: 
 
     def exit_():
         wrapper.__exit__(None, None, None)
-        manager.shutdown(wait=True)
+        manager.shutdown(wait=False)
 
     return {"manager": manager, "wrapper": wrapper, "store": store, "exit": exit_}
 
