@@ -19,7 +19,8 @@ batch 32, ``--steps`` optimizer steps per worker, one thread per worker):
 - ``topology``: random peer, ring and exponential graph at p = 0.05 (``--p`` for others), IID and label-skewed.
 - ``peers``: the independent libraries on the same data/model/steps/workers: torch ``PeriodicModelAverager``
   (Local SGD), torchft ``LocalSGD`` and ``DiLoCo`` (every ``--period`` steps), plus the project's own Lightning path
-  (``python -m lightning_gossip.train``) for gossip p=0.1 and Lightning's DDP (``strategy=ddp``).
+  (``python -m lightning_gossip.train``) for gossip p=0.1 and Lightning's DDP (``strategy=ddp``), and hand-loop
+  gossip at the p that sends the same bytes as Local SGD (p = 2 (M-1) / (M H)).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def runs_peers(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[
             common = replace(base, workers=m, seed=s)
             out += [replace(common, method=k) for k in ("local_sgd", "torchft_localsgd", "torchft_diloco")]
             out += [replace(common, method="lightning_gossip", p=0.1), replace(common, method="lightning_ddp")]
+            # gossip at equal bytes with Local SGD every H steps: p * S = 2 (M-1)/M * S / H per worker per step
+            out.append(replace(common, method="gossip", p=round(2.0 * (m - 1) / (m * base.period), 4)))
     return out
 
 
