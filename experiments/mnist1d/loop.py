@@ -270,7 +270,8 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
     if averager is not None and cfg.method == "gossip":
-        averager.finish()
+        end = getattr(averager, "end", None)  # releases the exchange's buffers and threads (finish() only drains)
+        end(consensus=False) if end is not None else averager.finish()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -347,6 +348,7 @@ def launch(cfg: RunConfig, out: Path, nice: int = 0) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t_launch = time.time()
     procs = []
+    teardown_abort = False
     try:
         for rank in range(cfg.workers):
             cmd = [sys.executable, "-m", "experiments.mnist1d.loop", "--worker", "--rank", str(rank),
@@ -362,7 +364,10 @@ def launch(cfg: RunConfig, out: Path, nice: int = 0) -> dict:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.time()))
         codes = [p.returncode for p in procs]
-        if any(codes) or not out.exists():
+        # A worker that aborts in the interpreter's teardown (SIGABRT from a native thread), after rank 0 wrote the
+        # results and every rank passed the final barrier, leaves a complete run: keep it, and say so in the JSON.
+        teardown_abort = out.exists() and all(c in (0, -signal.SIGABRT) for c in codes) and any(codes)
+        if (any(codes) and not teardown_abort) or not out.exists():
             tails = [p.stdout.read().decode(errors="replace")[-2000:] for p in procs[1:] if p.stdout]
             raise RuntimeError(f"run {out.name} failed: exit codes {codes}\n" + "\n".join(tails))
     finally:
@@ -379,6 +384,8 @@ def launch(cfg: RunConfig, out: Path, nice: int = 0) -> dict:
             server.shutdown()
     result = json.loads(out.read_text())
     result["launch_wall_s"] = time.time() - t_launch
+    if teardown_abort:
+        result["teardown_exit_codes"] = codes
     out.write_text(json.dumps(result, indent=1))
     return result
 
