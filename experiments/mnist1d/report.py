@@ -319,7 +319,7 @@ def scale(runs: Path, out: Path) -> None:
         rows.append([m, len(rs), ms((max(r["startup_s"]) for r in rs), 1),
                      ms((statistics.mean(r["peak_rss_mb"]) for r in rs), 0),
                      ms((max(r["peak_rss_mb"]) for r in rs), 0), ms((r["train_time_s"] for r in rs), 1),
-                     ms((r["launch_wall_s"] for r in rs), 1)])
+                     ms((r.get("launch_wall_s") for r in rs), 1)])
     write_table(out / "scale" / "processes", ["worker processes", "runs", "start-up s (launch to first step)",
                                               "peak RSS MB per worker (mean)", "peak RSS MB (max worker)",
                                               "train s / worker (1500 steps)", "whole run s (launch to exit)"], rows)
