@@ -59,14 +59,14 @@ def test_generated_offline_split_and_cached(tmp_path, monkeypatch):
 def test_concurrent_writers_leave_one_whole_file(tmp_path):
     """Three processes generate the same dataset into one cache folder at once (as 16 workers would)."""
     code = textwrap.dedent(f"""
-        from lightning_gossip.app.data import _mnist1d_arrays
-        a = _mnist1d_arrays({SMALL}, 42, 0.8, {str(tmp_path)!r})
+        from lightning_gossip.app.mnist1d_cache import mnist1d_arrays
+        a = mnist1d_arrays({SMALL}, 42, 0.8, {str(tmp_path)!r})
         print(float(a["x"].sum()))
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
     (cached,) = tmp_path.glob("mnist1d-*.npz")
     assert not list(tmp_path.glob(".*tmp*"))
@@ -160,7 +160,7 @@ def run_train(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
 def test_train_entry_two_workers(tmp_path):
     proc = run_train(["data=mnist1d", "model=mnist1d_cnn", "data.num_samples=1000", "trainer=debug",
                       "trainer.devices=2", "extras.print_config=false", "callbacks.progress_bar.refresh_rate=0",
-                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=240)
+                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "2 worker(s)" in proc.stdout
     assert list((tmp_path / "data" / "mnist1d").glob("mnist1d-1000-*.npz"))
