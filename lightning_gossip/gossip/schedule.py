@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from lightning_gossip.gossip.topology import Exponential, RandomPeer, Ring, Topology
+from lightning_gossip.gossip.topology import Exponential, RandomPeer, Ring, Topology, check_peer
 
 _MASK64 = (1 << 64) - 1
 
@@ -142,6 +142,8 @@ class GossipSchedule:
         self.world_size = world_size
         self.p = float(p)
         self.topology = topology
+        # The built-in topologies are correct by construction; a user topology's every answer is checked.
+        self._builtin = type(topology) in (RandomPeer, Ring, Exponential)
         self.seed = int(seed)
         self._ranks: Optional[np.ndarray] = None  # cached for the vectorised path
         self._send_below = _U64(0)
@@ -160,7 +162,10 @@ class GossipSchedule:
                 hr = _splitmix64(h ^ rank)
                 if (_splitmix64(hr ^ _STREAM_SEND) >> 11) * (1.0 / (1 << 53)) < self.p:
                     u = (_splitmix64(hr ^ _STREAM_PEER) >> 11) * (1.0 / (1 << 53))
-                    sends[rank] = self.topology.peer(rank, self.world_size, step, u)
+                    peer = self.topology.peer(rank, self.world_size, step, u)
+                    if not self._builtin:
+                        check_peer(self.topology, rank, self.world_size, step, peer)
+                    sends[rank] = peer
         return StepPlan(step=step, sends=sends)
 
     def _plan_vectorized(self, step: int) -> StepPlan:
@@ -191,7 +196,7 @@ class GossipSchedule:
         else:  # a user topology: its own peer() with this rank's u, for the sending ranks only
             peer = topology.peer
             for rank, u in zip(senders.tolist(), u_peer.tolist()):
-                targets[rank] = peer(rank, world, step, u)
+                targets[rank] = check_peer(topology, rank, world, step, peer(rank, world, step, u))
         return StepPlan(step=step, sends=targets)
 
 

@@ -105,13 +105,20 @@ def validate_topology(topology: Topology, world_size: int, steps_to_check: int =
     for step in range(steps_to_check):
         for u in (0.0, 0.5, 0.999999):
             for rank in range(world_size):
-                peer = topology.peer(rank, world_size, step, u)
-                if not isinstance(peer, int) or isinstance(peer, bool):
-                    raise TypeError(
-                        f"Topology {topology!r} returned {peer!r} (not an int) for rank {rank}, step {step}."
-                    )
-                if not 0 <= peer < world_size or peer == rank:
-                    raise ValueError(
-                        f"Topology {topology!r} does not fit world size {world_size}: rank {rank} at step {step} "
-                        f"would send to {peer}; a peer must be in [0, {world_size - 1}] and differ from the sender."
-                    )
+                check_peer(topology, rank, world_size, step, topology.peer(rank, world_size, step, u))
+
+
+def check_peer(topology: Topology, rank: int, world_size: int, step: int, peer: object) -> int:
+    """``peer`` if it is a valid receiver for ``rank`` (an int in range, not the sender), else a clear error.
+
+    The schedule checks every user topology's answer at every step: every rank computes the same plan, so every rank
+    raises the same error at the same step instead of one of them waiting for a message that never comes.
+    """
+    if not isinstance(peer, int) or isinstance(peer, bool):
+        raise TypeError(f"Topology {topology!r} returned {peer!r} (not an int) for rank {rank}, step {step}.")
+    if not 0 <= peer < world_size or peer == rank:
+        raise ValueError(
+            f"Topology {topology!r} does not fit world size {world_size}: rank {rank} at step {step} "
+            f"would send to {peer}; a peer must be in [0, {world_size - 1}] and differ from the sender."
+        )
+    return peer

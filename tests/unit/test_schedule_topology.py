@@ -126,3 +126,24 @@ def test_user_topology_own_validate_is_called():
     validate_topology(_HalfRing(), 4)
     with pytest.raises(ValueError, match="even world size, got 5"):
         validate_topology(_HalfRing(), 5)
+
+
+class BreaksLate:
+    """Valid for the 64 steps that setup probes, then sends rank 3 to itself: every rank must refuse it at once."""
+
+    def peer(self, rank: int, world_size: int, step: int, u: float) -> int:
+        if step >= 100 and rank == 3:
+            return 3
+        return (rank + 1) % world_size
+
+
+@pytest.mark.parametrize("world_size", [4, 64])  # the per-rank path and the vectorised one
+def test_a_topology_that_breaks_after_setup_fails_at_that_step_on_every_rank(world_size):
+    from lightning_gossip.gossip import GossipSchedule
+    from lightning_gossip.gossip.topology import validate_topology
+
+    validate_topology(BreaksLate(), world_size)  # passes: the first 64 steps are fine
+    schedule = GossipSchedule(world_size, 1.0, BreaksLate(), seed=0)
+    schedule.plan(99)
+    with pytest.raises(ValueError, match="rank 3 at step 100 would send to 3"):
+        schedule.plan(100)
