@@ -177,5 +177,6 @@ def test_train_entry_eight_workers_one_epoch(tmp_path, strategy):
                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["world_size"] == 8 and result["global_step"] == -(-(14400 // 8) // 32)  # ceil: the last batch is partial
+    # ceil: the last batch is partial
+    assert result["world_size"] == 8 and result["global_step"] == -(-(14400 // 8) // 32)
     assert result["metrics"]["test/acc"] > 0.15  # learned something in one epoch (chance: 0.1)
