@@ -1,0 +1,70 @@
+"""Work sharing on real gloo processes: every sample exactly once per epoch over all ranks, whatever the ranks'
+speeds; a slow rank takes fewer samples; the permutation is seeded by (seed, epoch)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gossip.gossip.work_sharing import WorkSharingSampler
+from tests.dist_utils import run_distributed
+
+
+def _epochs(rank, world_size, n, batch_size, chunk_batches, epochs, max_sleep, slow_rank, num_workers):
+    dataset = TensorDataset(torch.arange(n))
+    sampler = WorkSharingSampler(dataset, batch_size=batch_size, chunk_batches=chunk_batches, seed=5)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    rng = random.Random(rank)
+    seen = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        ids = []
+        for (batch,) in loader:
+            delay = rng.random() * max_sleep
+            time.sleep(delay * (5 if rank == slow_rank else 1))
+            ids += batch.tolist()
+        seen.append(ids)
+        torch.distributed.barrier()  # as the quiescence at an epoch's end
+    return seen, len(sampler)
+
+
+@pytest.mark.parametrize("world_size,n,num_workers", [(3, 203, 0), (4, 160, 0), (2, 50, 1)])
+def test_every_sample_exactly_once_per_epoch_with_random_delays(world_size, n, num_workers):
+    epochs = 3
+    results = run_distributed(_epochs, world_size, n, 4, 2, epochs, 0.004, -1, num_workers, timeout=180)
+    for epoch in range(epochs):
+        everything = [i for seen, _ in results for i in seen[epoch]]
+        assert sorted(everything) == list(range(n)), epoch  # once each, none missing
+    # Each rank's part of an epoch is whole chunks of one shared permutation, which changes with the epoch.
+    assert results[0][0][0] != results[0][0][1]
+    assert results[0][1] == -(-n // world_size)  # __len__: an equal rank's share, an estimate for progress bars
+
+
+def test_a_slow_rank_takes_fewer_samples():
+    n = 400
+    results = run_distributed(_epochs, 3, n, 4, 1, 1, 0.004, 2, 0, timeout=180)
+    counts = [len(seen[0]) for seen, _ in results]
+    assert sum(counts) == n
+    assert counts[2] < 0.6 * min(counts[:2]), counts
+
+
+def test_sampler_checks_its_arguments():
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        WorkSharingSampler(10, batch_size=0)
+    with pytest.raises(ValueError, match="chunk_batches must be an integer >= 1, got 2.5"):
+        WorkSharingSampler(10, chunk_batches=2.5)
+
+
+def test_single_process_with_its_own_store_uses_everything_once():
+    store = torch.distributed.HashStore()
+    sampler = WorkSharingSampler(37, batch_size=3, chunk_batches=2, store=store, world_size=1, seed=1)
+    first = list(sampler)
+    again = list(sampler)  # a second pass in the same epoch gets fresh claims
+    sampler.set_epoch(1)
+    other = list(sampler)
+    assert sorted(first) == sorted(again) == sorted(other) == list(range(37))
+    assert first == again == sampler.permutation(0) and other == sampler.permutation(1) != first
