@@ -377,10 +377,8 @@ class AsyncGossipExchange:
         most the timeout) until it has received what was sent to it and mixes it, and a barrier ends it, so no
         message sent after this drain can be mixed by a rank still in it. Afterwards sum_i a_i = 1 to rounding.
         """
-        if self.world_size == 1:
-            return
-        if self._closed:
-            raise RuntimeError("drain() after close(): the asynchronous gossip exchange is closed.")
+        if self.world_size == 1 or self._closed:
+            return  # closed: nothing is sent any more, and close() came after the last drain
         self._check_receiver()
         deadline = time.monotonic() + self.timeout.total_seconds()
         counts = torch.zeros(self.world_size, self.world_size, dtype=torch.int64)

@@ -39,7 +39,7 @@ class WorkSharingSampler(Sampler[int]):
         seed: must be the same on every rank.
         store: a ``torch.distributed.Store`` shared by all ranks (default: the default process group's store,
             looked up when iteration starts, so the sampler can be built before the process group exists).
-        world_size: the number of ranks, only for :meth:`__len__`'s estimate (default: the process group's).
+        world_size: the number of ranks, only for :meth:`estimated_length` (default: the process group's).
         key_prefix: the store keys' prefix (several samplers in one run need different ones).
 
     Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``. Every rank must iterate the sampler
@@ -117,8 +117,11 @@ class WorkSharingSampler(Sampler[int]):
             self.last_pass_samples += len(indices)
             yield from indices
 
-    def __len__(self) -> int:
-        """An estimate (the share of an equally fast rank): the true share depends on the ranks' speeds."""
+    # No __len__ on purpose: a rank's share depends on the ranks' speeds. A DataLoader over this sampler is then
+    # unsized, which Lightning handles as it does an iterable dataset: the epoch ends when the data does (a length
+    # would end every rank's epoch after that many batches, or never reach the validation at the epoch's end).
+    def estimated_length(self) -> int:
+        """The share of an equally fast rank, in samples (for progress reports; the true share varies)."""
         world_size = self._world_size
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

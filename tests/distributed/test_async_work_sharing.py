@@ -29,7 +29,7 @@ def _epochs(rank, world_size, n, batch_size, chunk_batches, epochs, max_sleep, s
             ids += batch.tolist()
         seen.append(ids)
         torch.distributed.barrier()  # as the quiescence at an epoch's end
-    return seen, len(sampler)
+    return seen, sampler.estimated_length()
 
 
 @pytest.mark.parametrize("world_size,n,num_workers", [(3, 203, 0), (4, 160, 0), (2, 50, 1)])
@@ -41,7 +41,7 @@ def test_every_sample_exactly_once_per_epoch_with_random_delays(world_size, n, n
         assert sorted(everything) == list(range(n)), epoch  # once each, none missing
     # Each rank's part of an epoch is whole chunks of one shared permutation, which changes with the epoch.
     assert results[0][0][0] != results[0][0][1]
-    assert results[0][1] == -(-n // world_size)  # __len__: an equal rank's share, an estimate for progress bars
+    assert results[0][1] == -(-n // world_size)  # an equal rank's share, an estimate for progress reports
 
 
 def test_a_slow_rank_takes_fewer_samples():
@@ -50,6 +50,13 @@ def test_a_slow_rank_takes_fewer_samples():
     counts = [len(seen[0]) for seen, _ in results]
     assert sum(counts) == n
     assert counts[2] < 0.6 * min(counts[:2]), counts
+
+
+def test_sampler_has_no_length_so_lightning_ends_the_epoch_when_the_data_does():
+    sampler = WorkSharingSampler(10, batch_size=2, store=torch.distributed.HashStore(), world_size=2)
+    with pytest.raises(TypeError):
+        len(sampler)
+    assert sampler.estimated_length() == 5
 
 
 def test_sampler_checks_its_arguments():
