@@ -1,0 +1,250 @@
+"""What asynchronous gossip needs from Lightning, kept out of the strategy: work-sharing data, a stop flag in the
+store instead of per-step broadcasts, and a clear refusal of what needs every rank at the same step.
+
+In asynchronous mode ranks take different numbers of optimizer steps in an epoch. A collective issued per training
+step would then pair step 37 of one rank with step 52 of another, or wait for a rank that has finished its epoch:
+a hang or silently wrong results. So, inside an epoch:
+
+* Lightning's per-step SIGTERM broadcast is replaced by a flag in the process group's store: a rank that receives
+  SIGTERM sets it, every rank checks it (at most every ``STOP_POLL_SECONDS``) and stops. ``max_time`` (Lightning's
+  Timer broadcasts its decision after every batch) uses the same flag: the first rank out of time stops them all.
+* Settings that need a collective per step are refused before training (see :func:`check_trainer`), and
+  ``self.log(..., sync_dist=True)`` inside ``training_step`` raises at once (see :func:`refuse_step_collective`).
+
+At an epoch's end every rank comes to the same point (the data is used up for everyone), so validation on the
+consensus, epoch-level logging, EarlyStopping and ModelCheckpoint work as usual after the quiescence there.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+from lightning_gossip.gossip.work_sharing import WorkSharingSampler
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+# Batches claimed at a time: one store call per this many steps, and at an epoch's end a slow rank holds at most
+# this many batches that a fast rank could otherwise have taken.
+CHUNK_BATCHES = 4
+STOP_POLL_SECONDS = 0.2
+
+_WHY = (
+    "asynchronous gossip lets ranks take different numbers of optimizer steps within an epoch, so nothing may need "
+    "every rank at the same training step"
+)
+
+
+class AsynchronousModeError(ValueError):
+    """A Trainer setting that needs every rank at the same training step, refused in asynchronous mode."""
+
+
+def check_trainer(trainer: "pl.Trainer") -> None:
+    """Refuse, before training starts, the settings that need a collective (or equal step counts) within an epoch."""
+    problems = []
+    if trainer.fit_loop.max_steps not in (-1, None):
+        problems.append(
+            f"Trainer(max_steps={trainer.fit_loop.max_steps}): ranks count their own steps, so they would stop at "
+            "different points of an epoch with data left unused; use max_epochs or max_time"
+        )
+    if trainer.fit_loop.min_steps:
+        problems.append(f"Trainer(min_steps={trainer.fit_loop.min_steps}): use min_epochs")
+    interval = trainer.val_check_interval
+    if isinstance(interval, int) or (isinstance(interval, float) and interval != 1.0):
+        problems.append(
+            f"Trainer(val_check_interval={interval!r}): validation inside an epoch needs every rank at the same "
+            "step; validate at the end of epochs (val_check_interval=1.0, check_val_every_n_epoch=N)"
+        )
+    if trainer.check_val_every_n_epoch is None:
+        problems.append(
+            "Trainer(check_val_every_n_epoch=None) validates every N training batches; use check_val_every_n_epoch"
+        )
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and (
+            callback._every_n_train_steps or callback._train_time_interval is not None
+        ):
+            problems.append(
+                "ModelCheckpoint(every_n_train_steps/train_time_interval) saves inside an epoch, which needs every "
+                "rank at the same step; use every_n_epochs (the default)"
+            )
+    if problems:
+        raise AsynchronousModeError(
+            f"GossipStrategy(asynchronous=True) cannot run with: {'; '.join(problems)}. Why: {_WHY}."
+        )
+    if not trainer._accelerator_connector.use_distributed_sampler:
+        rank_zero_warn(
+            "GossipStrategy(asynchronous=True) with Trainer(use_distributed_sampler=False): the training data is not "
+            "shared out dynamically, so fast ranks cannot take more batches than slow ones (the epoch ends at the "
+            "slowest rank's pace). Keep use_distributed_sampler=True to let gossip share the data out."
+        )
+
+
+def work_sharing_dataloader(dataloader: Any, seed: int, world_size: int) -> Any:
+    """The training dataloader with Lightning's DistributedSampler replaced by a :class:`WorkSharingSampler`.
+
+    Every sample is used once per epoch over all ranks; shuffling follows the user's dataloader, seeded by
+    ``seed`` and the epoch (Lightning calls ``set_epoch``). Anything that is not a plain map-style dataloader with a
+    random or sequential order (an IterableDataset, a custom sampler or batch sampler) is refused with a clear error.
+    """
+    if not isinstance(dataloader, DataLoader):
+        return dataloader
+    sampler = dataloader.sampler
+    if isinstance(sampler, WorkSharingSampler):
+        return dataloader
+    if isinstance(dataloader.dataset, IterableDataset):
+        raise AsynchronousModeError(
+            "GossipStrategy(asynchronous=True) shares a map-style dataset out between ranks, but the training "
+            f"dataloader holds an IterableDataset ({type(dataloader.dataset).__name__}), which it cannot index. "
+            "Use a map-style Dataset (with __getitem__ and __len__), or the lock-step mode."
+        )
+    if type(sampler) is DistributedSampler:
+        shuffle = sampler.shuffle
+    elif type(sampler) in (RandomSampler, SequentialSampler):  # Lightning did not add a DistributedSampler
+        shuffle = isinstance(sampler, RandomSampler)
+    else:
+        raise AsynchronousModeError(
+            "GossipStrategy(asynchronous=True) shares the training data out between ranks itself (every sample once "
+            f"per epoch, in seeded shuffled or natural order), so it cannot use the sampler {type(sampler).__name__} "
+            "(a DistributedSamplerWrapper means a custom sampler was given). Use shuffle=True/False in the DataLoader."
+        )
+    if dataloader.batch_size is None:
+        raise AsynchronousModeError(
+            "GossipStrategy(asynchronous=True) needs the training DataLoader's batch_size (a custom batch_sampler "
+            "cannot be shared out between ranks)."
+        )
+    shared = WorkSharingSampler(
+        dataloader.dataset,
+        batch_size=dataloader.batch_size,
+        chunk_batches=CHUNK_BATCHES,
+        shuffle=shuffle,
+        seed=seed,
+        world_size=world_size,
+    )
+    return _update_dataloader(dataloader, shared, mode=RunningStage.TRAINING)
+
+
+class StopFlag:
+    """A flag in the process group's store that any rank can raise and every rank sees within a fraction of a second.
+
+    ``scope`` must be the same on every rank and new for every fit (the store outlives a fit).
+    """
+
+    def __init__(self, scope: str, poll_seconds: float = STOP_POLL_SECONDS) -> None:
+        self.key = f"lightning_gossip/async_stop/{scope}"
+        self.poll_seconds = poll_seconds
+        self._last_poll = 0.0
+        self._raised: Optional[str] = None
+
+    def _store(self) -> dist.Store:
+        return dist.distributed_c10d._get_default_store()
+
+    def raise_flag(self, reason: str) -> None:
+        if self._raised is None:
+            self._raised = reason
+            # The first reason wins; later ones only learn it.
+            self._store().compare_set(self.key, "", reason)
+
+    def poll(self) -> Optional[str]:
+        """The reason if any rank raised the flag (asks the store at most every ``poll_seconds``)."""
+        if self._raised is not None:
+            return self._raised
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_seconds:
+            return None
+        self._last_poll = now
+        store = self._store()
+        if store.check([self.key]):
+            self._raised = store.get(self.key).decode()
+        return self._raised
+
+
+def install_stop_flag(trainer: "pl.Trainer", flag: StopFlag) -> None:
+    """Replace Lightning's per-step SIGTERM broadcast (and the Timer's per-batch broadcast) by ``flag``.
+
+    SIGTERM on any rank, or ``max_time`` running out on any rank, stops every rank within about
+    ``STOP_POLL_SECONDS`` plus one training step: SIGTERM as Lightning does (``SIGTERMException``), time by
+    ``trainer.should_stop`` (the epoch ends there, then validation and checkpoints at the quiescent point).
+    """
+    connector = trainer._signal_connector
+
+    def sigterm_notifier(signum: Any, frame: Any) -> None:
+        # Lightning's notifier, without its broadcast (a collective from a signal handler that other ranks, being
+        # at other steps, would not match). The store is asked from the training loop, not from the handler.
+        if not connector.received_sigterm:
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        connector.received_sigterm = True
+
+    # register_signal_handlers() runs after the strategy's setup and reads this attribute then.
+    connector._sigterm_notifier_fn = sigterm_notifier
+
+    def check_stop_flag() -> None:
+        if connector.received_sigterm:
+            flag.raise_flag("sigterm")
+        reason = flag.poll()
+        if reason == "sigterm":
+            connector.received_sigterm = True
+            raise SIGTERMException()
+        if reason == "stop":
+            trainer.should_stop = True
+
+    # Called by the training epoch loop before every batch in place of the broadcast.
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check_stop_flag
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer):
+            _make_timer_local(callback, flag)
+
+
+def _make_timer_local(timer: Timer, flag: StopFlag) -> None:
+    """Timer(interval="step") broadcasts rank 0's decision after every batch; decide locally and raise the flag."""
+
+    def on_train_batch_end(trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+        if timer._interval != "step" or timer._duration is None:
+            return
+        if timer.time_elapsed() >= timer._duration:
+            flag.raise_flag("stop")
+        if flag.poll() is not None:
+            trainer.should_stop = True
+
+    timer.on_train_batch_end = on_train_batch_end  # type: ignore[method-assign]
+
+
+def refuse_step_collective(what: str) -> None:
+    raise AsynchronousModeError(
+        f"{what} was called inside training_step with GossipStrategy(asynchronous=True): {_WHY}, and this is a "
+        "collective over all ranks. Log with sync_dist=False on step (each rank's own value), or log on_epoch=True "
+        "(reduced once at the epoch's end, where every rank meets)."
+    )
+
+
+# -- the strategy's asynchronous-mode hooks (GossipStrategy calls these when asynchronous=True) ---------------------
+def seed_of(strategy: Any) -> int:
+    import os
+
+    return strategy.seed if getattr(strategy, "seed", None) is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def setup_fit(strategy: Any, trainer: "pl.Trainer") -> None:
+    """At setup of a fit: refuse what cannot work, then put the stop flag in place of per-step broadcasts."""
+    check_trainer(trainer)
+    strategy._async_fits = getattr(strategy, "_async_fits", 0) + 1  # the same on every rank: a fresh flag per fit
+    install_stop_flag(trainer, StopFlag(f"fit{strategy._async_fits}"))
+
+
+def process_dataloader(strategy: Any, dataloader: Any) -> Any:
+    """The training dataloader gets the work-sharing sampler; evaluation dataloaders keep equal shards."""
+    trainer = strategy.lightning_module.trainer if strategy.lightning_module is not None else None
+    if trainer is None or not trainer.training or not trainer._accelerator_connector.use_distributed_sampler:
+        return dataloader
+    return work_sharing_dataloader(dataloader, seed_of(strategy), strategy.world_size)
