@@ -46,6 +46,11 @@ class AsyncStrategy(GossipStrategy):
         if resume is not None:
             self.averager.load_state_dict(resume)
 
+    def _check_before_launch(self, trainer) -> None:
+        if trainer is not None and trainer.state.fn == "fit":
+            async_support.check_trainer(trainer)
+        super()._check_before_launch(trainer)
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if trainer.training or trainer.state.fn == "fit":
@@ -79,3 +84,13 @@ class AsyncStrategy(GossipStrategy):
         if self.averager is not None and self.world_size > 1 and torch.distributed.is_initialized():
             self.averager.finish()
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def teardown(self) -> None:
+        if self.averager is not None:
+            self.averager.exchange.close()
+        super().teardown()
+
+    def on_exception(self, exception) -> None:
+        if self.averager is not None:
+            self.averager.exchange.close(clean=False)
+        super().on_exception(exception)

@@ -18,10 +18,10 @@ consensus, epoch-level logging, EarlyStopping and ModelCheckpoint work as usual 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -88,7 +88,9 @@ def check_trainer(trainer: "pl.Trainer") -> None:
         )
 
 
-def work_sharing_dataloader(dataloader: Any, seed: int, world_size: int) -> Any:
+def work_sharing_dataloader(
+    dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None
+) -> Any:
     """The training dataloader with Lightning's DistributedSampler replaced by a :class:`WorkSharingSampler`.
 
     Every sample is used once per epoch over all ranks; shuffling follows the user's dataloader, seeded by
@@ -128,96 +130,167 @@ def work_sharing_dataloader(dataloader: Any, seed: int, world_size: int) -> Any:
         shuffle=shuffle,
         seed=seed,
         world_size=world_size,
+        stop=stop,
     )
     return _update_dataloader(dataloader, shared, mode=RunningStage.TRAINING)
 
 
 class StopFlag:
-    """A flag in the process group's store that any rank can raise and every rank sees within a fraction of a second.
+    """Flags in the process group's store that any rank can raise and every rank sees within a fraction of a second.
 
-    ``scope`` must be the same on every rank and new for every fit (the store outlives a fit).
+    Two reasons, two keys: ``"sigterm"`` (stop now, as Lightning does on SIGTERM) and ``"stop"`` (end training at the
+    end of the current epoch, e.g. ``max_time`` ran out). ``scope`` must be the same on every rank and new for every
+    fit (the store outlives a fit).
     """
 
+    REASONS = ("sigterm", "stop")
+
     def __init__(self, scope: str, poll_seconds: float = STOP_POLL_SECONDS) -> None:
-        self.key = f"lightning_gossip/async_stop/{scope}"
+        self.prefix = f"lightning_gossip/async/{scope}"
         self.poll_seconds = poll_seconds
         self._last_poll = 0.0
-        self._raised: Optional[str] = None
+        self._seen: set[str] = set()
 
-    def _store(self) -> dist.Store:
+    @staticmethod
+    def _store() -> dist.Store:
         return dist.distributed_c10d._get_default_store()
 
     def raise_flag(self, reason: str) -> None:
-        if self._raised is None:
-            self._raised = reason
-            # The first reason wins; later ones only learn it.
-            self._store().compare_set(self.key, "", reason)
+        if reason not in self._seen:
+            self._seen.add(reason)
+            self._store().set(f"{self.prefix}/{reason}", "1")
 
-    def poll(self) -> Optional[str]:
-        """The reason if any rank raised the flag (asks the store at most every ``poll_seconds``)."""
-        if self._raised is not None:
-            return self._raised
+    def raised(self, reason: str, force: bool = False) -> bool:
+        """Whether any rank raised ``reason`` (asks the store at most every ``poll_seconds`` unless ``force``)."""
+        if reason in self._seen:
+            return True
         now = time.monotonic()
-        if now - self._last_poll < self.poll_seconds:
-            return None
-        self._last_poll = now
+        if force or now - self._last_poll >= self.poll_seconds:
+            self._last_poll = now
+            store = self._store()
+            self._seen.update(r for r in self.REASONS if store.check([f"{self.prefix}/{r}"]))
+        return reason in self._seen
+
+    def rendezvous(self, name: str, rank: int, world_size: int, timeout: float, watch_sigterm: bool = True) -> bool:
+        """Wait until every rank has arrived here, watching for SIGTERM while waiting (unlike a collective).
+
+        Returns whether every rank arrived. With ``watch_sigterm``, stops for SIGTERM (see :meth:`stop_for_sigterm`)
+        if any rank raised it, and raises a :class:`GossipPeerError` naming the ranks that did not arrive within
+        ``timeout`` seconds; without, gives up after ``timeout`` and returns False.
+        """
+        from lightning_gossip.gossip.errors import GossipPeerError
+
         store = self._store()
-        if store.check([self.key]):
-            self._raised = store.get(self.key).decode()
-        return self._raised
+        key = f"{self.prefix}/rendezvous/{name}"
+        store.set(f"{key}/{rank}", "1")
+        arrived = store.add(f"{key}/count", 1)
+        deadline = time.monotonic() + timeout
+        while arrived < world_size:
+            if watch_sigterm and self.raised("sigterm", force=True):
+                self.stop_for_sigterm(rank, world_size, timeout)
+            if time.monotonic() > deadline:
+                if not watch_sigterm:
+                    return False
+                missing = [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
+                raise GossipPeerError(
+                    f"Rank {rank}: rank(s) {missing} did not reach the end of the training epoch ({name}) within "
+                    f"{timeout:.0f} s; they most likely hang or died. This run cannot continue: restart it from the "
+                    "last checkpoint (Trainer.fit(ckpt_path=...)).",
+                    rank,
+                    missing,
+                )
+            time.sleep(0.01)
+            arrived = store.add(f"{key}/count", 0)
+        return True
+
+    def stop_for_sigterm(self, rank: int, world_size: int, timeout: float) -> None:
+        """Every rank stops sending and meets here before any exits, so no gossip send goes to a rank that is gone
+        (a rank that does not come within ``timeout`` is not waited for), then ``SIGTERMException``, as Lightning."""
+        self.raise_flag("sigterm")
+        self.rendezvous("sigterm", rank, world_size, min(timeout, 60.0), watch_sigterm=False)
+        raise SIGTERMException()
 
 
-def install_stop_flag(trainer: "pl.Trainer", flag: StopFlag) -> None:
+def _timeout_seconds(strategy: Any) -> float:
+    timeout = getattr(strategy, "_timeout", None)
+    return timeout.total_seconds() if timeout is not None else 1800.0
+
+
+def _timers(trainer: "pl.Trainer") -> list[Timer]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, Timer)]
+
+
+def _out_of_time(trainer: "pl.Trainer") -> bool:
+    return any(
+        timer._duration is not None and timer.time_elapsed() >= timer._duration for timer in _timers(trainer)
+    )
+
+
+class EpochBoundary(Callback):
+    """The one point of an epoch every rank reaches: its last training batch (the shared data is used up).
+
+    Placed first among the callbacks, it waits for every rank there (watching for SIGTERM) before anything global
+    runs at the epoch's end (the monitor's consensus distance, validation, checkpoints), and decides identically on
+    every rank whether training stops here: every rank raises its own ``"stop"`` before arriving and reads the flag
+    after all have arrived.
+    """
+
+    def __init__(self, strategy: Any, flag: StopFlag) -> None:
+        self.strategy = strategy
+        self.flag = flag
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+        if not trainer.is_last_batch:
+            return
+        if _out_of_time(trainer):
+            self.flag.raise_flag("stop")
+        timeout = _timeout_seconds(self.strategy)
+        self.flag.rendezvous(f"epoch{trainer.current_epoch}", trainer.global_rank, trainer.world_size, timeout)
+        if self.flag.raised("stop", force=True):
+            trainer.should_stop = True
+
+
+def install_stop_flag(trainer: "pl.Trainer", strategy: Any, flag: StopFlag) -> None:
     """Replace Lightning's per-step SIGTERM broadcast (and the Timer's per-batch broadcast) by ``flag``.
 
-    SIGTERM on any rank, or ``max_time`` running out on any rank, stops every rank within about
-    ``STOP_POLL_SECONDS`` plus one training step: SIGTERM as Lightning does (``SIGTERMException``), time by
-    ``trainer.should_stop`` (the epoch ends there, then validation and checkpoints at the quiescent point).
+    SIGTERM on any rank stops every rank within about ``STOP_POLL_SECONDS`` plus one training step, as Lightning
+    does (``SIGTERMException``). ``max_time`` running out on any rank ends the epoch for every rank at its next
+    chunk of data (the work-sharing sampler stops handing out data), and training stops at that epoch's end, so
+    validation and checkpoints still run once, at the same point, on every rank.
     """
     connector = trainer._signal_connector
+    sigterm_received: list = []
 
     def sigterm_notifier(signum: Any, frame: Any) -> None:
         # Lightning's notifier, without its broadcast (a collective from a signal handler that other ranks, being
         # at other steps, would not match). The store is asked from the training loop, not from the handler.
-        if not connector.received_sigterm:
+        # Not connector.received_sigterm yet: Lightning would raise SIGTERMException after this very batch, before
+        # the other ranks know, and they would then send to a rank that is gone. check_stop_flag sets it once every
+        # rank has stopped.
+        if not sigterm_received:
             launcher = trainer.strategy.launcher
             if launcher is not None:
                 launcher.kill(signum)
-        connector.received_sigterm = True
+        sigterm_received.append(signum)
 
     # register_signal_handlers() runs after the strategy's setup and reads this attribute then.
     connector._sigterm_notifier_fn = sigterm_notifier
 
     def check_stop_flag() -> None:
-        if connector.received_sigterm:
+        if sigterm_received:
             flag.raise_flag("sigterm")
-        reason = flag.poll()
-        if reason == "sigterm":
+        if _out_of_time(trainer):
+            flag.raise_flag("stop")
+        if flag.raised("sigterm"):
             connector.received_sigterm = True
-            raise SIGTERMException()
-        if reason == "stop":
-            trainer.should_stop = True
+            flag.stop_for_sigterm(trainer.global_rank, trainer.world_size, _timeout_seconds(strategy))
 
     # Called by the training epoch loop before every batch in place of the broadcast.
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check_stop_flag
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, Timer):
-            _make_timer_local(callback, flag)
-
-
-def _make_timer_local(timer: Timer, flag: StopFlag) -> None:
-    """Timer(interval="step") broadcasts rank 0's decision after every batch; decide locally and raise the flag."""
-
-    def on_train_batch_end(trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
-        if timer._interval != "step" or timer._duration is None:
-            return
-        if timer.time_elapsed() >= timer._duration:
-            flag.raise_flag("stop")
-        if flag.poll() is not None:
-            trainer.should_stop = True
-
-    timer.on_train_batch_end = on_train_batch_end  # type: ignore[method-assign]
+    for timer in _timers(trainer):
+        # Its per-batch broadcast of rank 0's decision is replaced by the flag (checked above and at the boundary).
+        timer.on_train_batch_end = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    trainer.callbacks.insert(0, EpochBoundary(strategy, flag))
 
 
 def refuse_step_collective(what: str) -> None:
@@ -239,7 +312,9 @@ def setup_fit(strategy: Any, trainer: "pl.Trainer") -> None:
     """At setup of a fit: refuse what cannot work, then put the stop flag in place of per-step broadcasts."""
     check_trainer(trainer)
     strategy._async_fits = getattr(strategy, "_async_fits", 0) + 1  # the same on every rank: a fresh flag per fit
-    install_stop_flag(trainer, StopFlag(f"fit{strategy._async_fits}"))
+    flag = StopFlag(f"fit{strategy._async_fits}")
+    strategy._async_stop_flag = flag
+    install_stop_flag(trainer, strategy, flag)
 
 
 def process_dataloader(strategy: Any, dataloader: Any) -> Any:
@@ -247,4 +322,6 @@ def process_dataloader(strategy: Any, dataloader: Any) -> Any:
     trainer = strategy.lightning_module.trainer if strategy.lightning_module is not None else None
     if trainer is None or not trainer.training or not trainer._accelerator_connector.use_distributed_sampler:
         return dataloader
-    return work_sharing_dataloader(dataloader, seed_of(strategy), strategy.world_size)
+    flag = getattr(strategy, "_async_stop_flag", None)
+    stop = (lambda: flag.raised("stop")) if flag is not None else None
+    return work_sharing_dataloader(dataloader, seed_of(strategy), strategy.world_size, stop)

@@ -481,18 +481,21 @@ class AsyncGossipExchange:
         self._seq = int(state.get("seq", 0))
         self.sends_skipped = int(state.get("sends_skipped", 0))
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         """Stop the receiver thread and release the buffers. Idempotent.
 
         When every rank closes together after a healthy run (the averager's end()), each sends a stop message to the
         next rank of a ring after a barrier that proves every gossip message was taken, and joins its receiver. A
         rank that already failed, or whose peers are gone, leaves the daemon receiver thread blocked: it cannot
         keep the interpreter from exiting. Messages received and not mixed in are dropped: drain() first.
+        ``clean=False`` skips the collective part (after an exception, when other ranks may be gone or elsewhere).
         """
         if self._closed:
             return
         self._closed = True
         thread = self._thread
+        if not clean:
+            self._failed = True
         if thread is None or not thread.is_alive() or self._failed or self._receiver_error is not None:
             self._release()
             return

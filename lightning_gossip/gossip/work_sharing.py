@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator, Optional, Sized
+from typing import Any, Callable, Iterator, Optional, Sized
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,8 @@ class WorkSharingSampler(Sampler[int]):
             looked up when iteration starts, so the sampler can be built before the process group exists).
         world_size: the number of ranks, only for :meth:`estimated_length` (default: the process group's).
         key_prefix: the store keys' prefix (several samplers in one run need different ones).
+        stop: asked before each claim; when it returns True this rank's epoch ends early (every rank should see the
+            same stop, e.g. a flag in the store, so that the epoch ends for all).
 
     Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``. Every rank must iterate the sampler
     the same number of times per epoch (the claim counter is scoped by epoch and by pass).
@@ -56,6 +58,7 @@ class WorkSharingSampler(Sampler[int]):
         store: Optional[dist.Store] = None,
         world_size: Optional[int] = None,
         key_prefix: str = "lightning_gossip/work_sharing",
+        stop: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.num_samples_total = data_source if isinstance(data_source, int) else len(data_source)
         if self.num_samples_total < 0:
@@ -67,6 +70,7 @@ class WorkSharingSampler(Sampler[int]):
         self._store = store
         self._world_size = world_size
         self.key_prefix = key_prefix
+        self.stop = stop
         self.epoch = 0
         self._passes: dict[int, int] = {}  # epoch -> times iterated, so a second pass gets fresh keys
         # Samples this rank took in its last pass (for progress reports and tests).
@@ -107,7 +111,7 @@ class WorkSharingSampler(Sampler[int]):
         store = self.store()
         chunk = self.chunk_size
         self.last_pass_samples = 0
-        while True:
+        while self.stop is None or not self.stop():
             # add() returns the counter after the increment: the chunk this rank now owns, exclusively.
             index = store.add(key, 1) - 1
             start = index * chunk

@@ -7,6 +7,7 @@ with ``--ckpt``) its weights, gossip weight and optimizer state right after the 
 """
 
 import argparse
+import copy
 import os
 import time
 
@@ -36,7 +37,9 @@ class IndexedBlobs(Dataset):
 
 
 class Model(L.LightningModule):
-    def __init__(self, step_seconds: float, slow_rank: int, slowdown: float, n: int, batch_size: int) -> None:
+    def __init__(
+        self, step_seconds: float, slow_rank: int, slowdown: float, n: int, batch_size: int, out_dir: str
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -58,12 +61,15 @@ class Model(L.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(self.net(x), y), sync_dist=True)
 
     def on_train_start(self) -> None:
+        # For the SIGTERM test: which process is which rank.
+        with open(os.path.join(self.hparams.out_dir, f"pid{self.global_rank}"), "w") as f:
+            f.write(str(os.getpid()))
         if self.trainer.ckpt_path:
             optimizer = self.trainer.optimizers[0]
             self.restored = {
                 "model": {k: v.detach().clone() for k, v in self.state_dict().items()},
                 "gossip_weight": self.trainer.strategy.gossip_weight,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": copy.deepcopy(optimizer.state_dict()),  # live buffers otherwise
             }
 
     def configure_optimizers(self):
@@ -100,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = Model(args.step_seconds, args.slow_rank, args.slowdown, args.n, args.batch_size)
+    model = Model(args.step_seconds, args.slow_rank, args.slowdown, args.n, args.batch_size, args.out_dir)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
