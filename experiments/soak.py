@@ -37,16 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def import_gossip() -> Any:
-    """``lightning_gossip.gossip`` without Lightning (the package ``__init__`` imports it; the algorithm needs only
-    torch), so the soak measures the algorithm's own memory, not Lightning's."""
-    import types
-
-    if "lightning_gossip" not in sys.modules:
-        package = types.ModuleType("lightning_gossip")
-        package.__path__ = [str(ROOT / "lightning_gossip")]
-        sys.modules["lightning_gossip"] = package
+    """``lightning_gossip.gossip``, which imports no Lightning, so the soak measures the algorithm's own memory."""
     import lightning_gossip.gossip as gossip
 
+    assert "lightning" not in sys.modules, "lightning_gossip.gossip imported Lightning"
     return gossip
 
 

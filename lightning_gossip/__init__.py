@@ -1,17 +1,24 @@
 """lightning-gossip: GoSGD gossip training as a PyTorch Lightning strategy.
 
 Importing the package registers the strategy names ``"gossip"``, ``"gossip_spawn"`` and ``"gossip_fork"`` in
-Lightning's strategy registry, so ``Trainer(strategy="gossip")`` works.
+Lightning's strategy registry, so ``Trainer(strategy="gossip")`` works. It does not import Lightning itself: the names
+are registered as soon as Lightning is imported (see :mod:`lightning_gossip._registration`), and the Lightning classes
+below are imported when first used, so ``import lightning_gossip.gossip`` (the plain-torch algorithm) stays free of
+Lightning.
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+from __future__ import annotations
 
-from lightning_gossip.callbacks import GossipMonitor
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_gossip import _registration
 from lightning_gossip.gossip import (
     TOPOLOGIES,
     Exponential,
     GossipAverager,
     GossipCounters,
+    GossipOptions,
     GossipPeerError,
     GossipScheduleError,
     NonFiniteGossipError,
@@ -19,12 +26,34 @@ from lightning_gossip.gossip import (
     Ring,
     Topology,
 )
-from lightning_gossip.strategy import GossipStrategy
+
+if TYPE_CHECKING:
+    from lightning_gossip.callbacks import GossipMonitor
+    from lightning_gossip.strategy import GossipStrategy
 
 __version__ = "0.1.0"
 
-if "gossip" not in StrategyRegistry:
-    GossipStrategy.register_strategies(StrategyRegistry)
+# public name -> the module that defines it; imported on first access (these modules import Lightning)
+_LIGHTNING_NAMES = {
+    "GossipStrategy": "lightning_gossip.strategy",
+    "GossipMonitor": "lightning_gossip.callbacks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LIGHTNING_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LIGHTNING_NAMES))
+
+
+_registration.install()
 
 __all__ = [
     "TOPOLOGIES",
@@ -32,6 +61,7 @@ __all__ = [
     "GossipAverager",
     "GossipCounters",
     "GossipMonitor",
+    "GossipOptions",
     "GossipPeerError",
     "GossipScheduleError",
     "GossipStrategy",

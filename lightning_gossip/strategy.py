@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-import uuid
-from contextlib import ExitStack, suppress
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from datetime import timedelta
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.trainer.connectors.signal_connector import _get_sigkill_signal
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -39,15 +28,19 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipScheduleError
-from lightning_gossip.gossip.averager import check_gossip_options, resolve_staleness
+from lightning_gossip._lightning_compat import throttle_sigterm_broadcast
+from lightning_gossip.callbacks import GossipMonitor
+from lightning_gossip.checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
+from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
+from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import collective_guard
+from lightning_gossip.gossip.options import check_bool, check_optional_int
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
-from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
+from lightning_gossip.gossip.topology import TopologyLike, validate_topology
+from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
 
 log = logging.getLogger(__name__)
 
-EVAL_MODES = ("consensus", "local")
 CHECKPOINT_KEY = "gossip"
 
 
@@ -77,6 +70,7 @@ class GossipStrategy(DDPStrategy):
         final_consensus: at the end of ``fit``, put the exact average on every rank.
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
+        asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -95,6 +89,9 @@ class GossipStrategy(DDPStrategy):
     """
 
     strategy_name = "gossip"
+    #: A subclass may set this to move messages its own way: a factory ``(state, options, group, schedule) ->
+    #: exchange`` (see :class:`~lightning_gossip.gossip.exchange.Exchange`); ``None`` picks the library's exchange.
+    exchange_factory: Optional[ExchangeFactory] = None
 
     def __init__(
         self,
@@ -109,6 +106,7 @@ class GossipStrategy(DDPStrategy):
         eval_mode: Literal["consensus", "local"] = "consensus",
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
+        asynchronous: bool = False,
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -120,18 +118,23 @@ class GossipStrategy(DDPStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        # Everything that can be checked without a model or a process group is checked here, before any spawn.
-        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite, overlap, staleness)
-        if eval_mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}.")
-        if sigterm_sync_every is not None and (
-            isinstance(sigterm_sync_every, bool) or not isinstance(sigterm_sync_every, int) or sigterm_sync_every < 1
-        ):
-            raise ValueError(
-                f"sigterm_sync_every must be None or an integer >= 1 (steps), got {sigterm_sync_every!r}."
-            )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}.")
+        # Every option is checked here, once, before any worker process is started.
+        self.options = GossipOptions(
+            p=p,
+            topology=topology,
+            seed=seed,
+            mix_buffers=mix_buffers,
+            overlap=overlap,
+            staleness=staleness,
+            average_every=average_every,
+            transfer_dtype=transfer_dtype,
+            on_nonfinite=on_nonfinite,
+            eval_mode=eval_mode,
+            final_consensus=final_consensus,
+            asynchronous=asynchronous,
+        )
+        self.monitor = check_bool("monitor", monitor)
+        self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
         if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
             raise TypeError(
                 f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {timeout!r}."
@@ -146,18 +149,6 @@ class GossipStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.p = float(p)
-        self.topology = resolve_topology(topology)
-        self.seed = seed
-        self.mix_buffers = mix_buffers
-        self.staleness = resolve_staleness(overlap, staleness)
-        self.average_every = average_every
-        self.transfer_dtype = transfer_dtype
-        self.eval_mode = eval_mode
-        self.final_consensus = final_consensus
-        self.on_nonfinite = on_nonfinite
-        self.monitor = monitor
-        self.sigterm_sync_every = sigterm_sync_every
         self.averager: Optional[GossipAverager] = None
         self._resume_state: Optional[dict[str, Any]] = None
         self._resume_step: Optional[int] = None  # resuming onto a different number of workers: the schedule position
@@ -165,14 +156,17 @@ class GossipStrategy(DDPStrategy):
 
     # -- read-outs ------------------------------------------------------------------------------------------------
     @property
-    def overlap(self) -> bool:
-        """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
-        return self.staleness > 0
+    def p(self) -> float:
+        return self.options.p
 
     @property
-    def is_distributed(self) -> bool:
-        # Lightning adds distributed samplers and honours `sync_dist` only for strategies that say this.
-        return True
+    def staleness(self) -> int:
+        return self.options.staleness
+
+    @property
+    def overlap(self) -> bool:
+        """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
+        return self.options.overlap
 
     @property
     def gossip_weight(self) -> float:
@@ -193,22 +187,33 @@ class GossipStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         # The world size is known here, before any process is started: reject a topology that cannot work now.
-        validate_topology(self.topology, self.num_nodes * self.num_processes)
+        validate_topology(self.options.topology, self.num_nodes * self.num_processes)
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _GossipSubprocessScriptLauncher(
-                self, self.cluster_environment, self.num_processes, self.num_nodes
+            self._launcher = GossipSubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, before_launch=self._check_before_launch
             )
         else:
-            self._launcher = _GossipMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = GossipMultiProcessingLauncher(
+                self,
+                start_method=self._start_method,
+                before_launch=self._check_before_launch,
+                results_context=self._consensus_for_results,
+            )
 
     def _check_before_launch(self, trainer: Optional["pl.Trainer"]) -> None:
         """Checks that need the model but no process group, run before any worker process is started."""
         module = trainer.lightning_module if trainer is not None else None
         if module is None or trainer.state.fn != TrainerFn.FITTING or is_overridden("configure_model", module):
             return  # a model built in `configure_model` only gets its tensors after the launch
-        if not gossiped_tensors(module, self.mix_buffers):
+        if not gossiped_tensors(module, self.options.mix_buffers):
             raise ValueError(f"{NO_FLOAT_TENSORS} (model: {type(module).__name__}).")
+
+    def _consensus_for_results(self, trainer: "pl.Trainer") -> AbstractContextManager:
+        """The spawn launcher hands rank 0's module back to the parent: make that the consensus model."""
+        if self.averager is None or self.world_size == 1 or trainer.state.fn != TrainerFn.FITTING:
+            return nullcontext()
+        return self.averager.consensus_swapped_in()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -218,12 +223,8 @@ class GossipStrategy(DDPStrategy):
         error); without this, the workers of a failed launcher would wait for it until the process-group timeout.
         """
         super().on_exception(exception)
-        launcher = self._launcher
-        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
-            launcher.kill(_get_sigkill_signal())
-            for proc in launcher.procs:
-                with suppress(Exception):
-                    proc.wait(timeout=10)
+        if isinstance(self._launcher, GossipSubprocessScriptLauncher):
+            self._launcher.stop_children()
 
     @override
     def setup_environment(self) -> None:
@@ -234,78 +235,48 @@ class GossipStrategy(DDPStrategy):
                 "plain single-process training. Use devices>1 or num_nodes>1 to gossip."
             )
 
+    # -- setup: Lightning's DDP setup, with the averager where DDP puts its wrapper --------------------------------
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
-        assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and self._layer_sync:
-            self.model = self._layer_sync.apply(self.model)
-        self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        if fitting:
-            # No DistributedDataParallel wrapper: that is where DDP's gradient all-reduce lives.
-            self._setup_averager()
-            self._throttle_sigterm_broadcast(trainer)
-            self.setup_optimizers(trainer)
-        elif self.averager is not None:
-            # Evaluating after this process already trained: each rank keeps the model gossip left it with, and
-            # eval_mode decides what is evaluated.
-            self.averager.refresh_tensors()
-        else:
-            # Nothing was trained here: make sure every rank evaluates the same model.
-            _sync_module_states(self.model)
-        self.setup_precision_plugin()
-        if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
-        if self.monitor:
-            from lightning_gossip.callbacks import GossipMonitor
+        # Evaluating after this process already trained: each rank keeps the model gossip left it with (eval_mode
+        # decides what is evaluated), but DDPStrategy.setup broadcasts rank 0's weights when not fitting.
+        kept = self.averager.state.flatten() if self.averager is not None and not self._fitting(trainer) else None
+        super().setup(trainer)
+        if kept is not None:
+            assert self.averager is not None
+            self.averager.refresh_tensors()  # model_to_device may have replaced buffer tensors
+            self.averager.state.load_flat(kept)
+        if self.monitor and not any(isinstance(cb, GossipMonitor) for cb in trainer.callbacks):
+            trainer.callbacks.append(GossipMonitor())
 
-            if not any(isinstance(cb, GossipMonitor) for cb in trainer.callbacks):
-                trainer.callbacks.append(GossipMonitor())
+    @staticmethod
+    def _fitting(trainer: "pl.Trainer") -> bool:
+        return trainer.state.fn == TrainerFn.FITTING
 
-    def _setup_averager(self) -> None:
+    @override
+    def configure_ddp(self) -> None:
+        """Where DDP wraps the model in ``DistributedDataParallel`` (its gradient all-reduce), gossip sets up the
+        averager and leaves the model as it is."""
         assert self.lightning_module is not None
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         resume, self._resume_state = self._resume_state, None
+        seed = self.options.schedule_seed(fallback=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        # Resuming: every rank loaded its own weights from the checkpoint; broadcasting would erase them.
         self.averager = GossipAverager(
             self.lightning_module,
-            p=self.p,
-            topology=self.topology,
-            seed=seed,
-            mix_buffers=self.mix_buffers,
-            staleness=self.staleness,
-            average_every=self.average_every,
-            transfer_dtype=self.transfer_dtype,
-            on_nonfinite=self.on_nonfinite,
-            # Resuming: every rank loaded its own weights from the checkpoint; broadcasting would erase them.
+            self.options.replace(seed=seed),
+            exchange=self.exchange_factory,
             broadcast=resume is None,
         )
         if resume is not None:
             self.averager.load_state_dict(resume)
         elif self._resume_step is not None:
-            self.averager.step_count = self._resume_step
+            self.averager.continue_schedule_at(self._resume_step)
         self._resume_step = None
-
-    def _throttle_sigterm_broadcast(self, trainer: "pl.Trainer") -> None:
-        """Run Lightning's per-step SIGTERM broadcast only every ``sigterm_sync_every`` gossip steps.
-
-        The gossip step count is the same on every rank before each training step, so the broadcast stays a matched
-        collective. Lightning versions without the per-step broadcast are left alone.
-        """
-        loop = trainer.fit_loop.epoch_loop
-        original = getattr(type(loop), "_broadcast_sigterm_tensor", None)
-        if original is None:
-            return
+        trainer = self.lightning_module.trainer
+        # The gossip step count is the same on every rank before each training step, so the broadcast stays a
+        # matched collective.
         every = self.sigterm_sync_every
-
-        def throttled() -> None:
-            if every is not None and self.gossip_step % every == 0:
-                throttled.broadcasts += 1  # type: ignore[attr-defined]
-                original(loop)
-
-        throttled.broadcasts = 0  # type: ignore[attr-defined]
-        loop._broadcast_sigterm_tensor = throttled
+        throttle_sigterm_broadcast(trainer, lambda: every is not None and self.gossip_step % every == 0)
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -323,34 +294,12 @@ class GossipStrategy(DDPStrategy):
 
     @override
     def on_train_end(self) -> None:
-        if self.averager is None or self.world_size == 1:
-            return
-        self._check_same_step_count()
-        if self.final_consensus:
-            self.averager.consensus_()
-        else:
-            self.averager.finish()
-        # Nothing is in flight any more; give back the pooled message buffers (K x model size with staleness K).
-        self.averager.exchange.release_free_buffers()
-
-    def _check_same_step_count(self) -> None:
-        assert self.averager is not None
-        steps = torch.tensor([self.averager.step_count], dtype=torch.int64, device=self.root_device)
-        everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
-        with collective_guard("the check that every rank took the same number of steps"):
-            dist.all_gather(everyone, steps)
-        counts = [int(t.item()) for t in everyone]
-        if len(set(counts)) > 1:
-            raise GossipScheduleError(
-                f"Ranks took different numbers of optimizer steps: {counts}. Gossip pairs ranks by step number, so "
-                "every rank must take the same number of steps: equal-length data shards (Lightning's "
-                "DistributedSampler pads them; keep `use_distributed_sampler=True` or shard evenly yourself) and no "
-                "optimizer steps skipped on some ranks only."
-            )
+        if self.averager is not None:
+            self.averager.end()
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _enter_consensus(self) -> None:
-        if self.eval_mode != "consensus" or self.averager is None or self.world_size == 1:
+        if self.options.eval_mode != "consensus" or self.averager is None or self.world_size == 1:
             return
         if self._eval_stack is None:
             self._eval_stack = ExitStack()
@@ -386,6 +335,18 @@ class GossipStrategy(DDPStrategy):
         self._leave_consensus()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def checkpoint_io(self) -> CheckpointIO:
+        """The user's (or Lightning's default) ``CheckpointIO``, wrapped so local files are written atomically."""
+        io = DDPStrategy.checkpoint_io.fget(self)  # type: ignore[attr-defined]
+        if not isinstance(io, AtomicCheckpointIO):
+            io = self._checkpoint_io = AtomicCheckpointIO(io)
+        return io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The consensus model, so a checkpoint loads with plain ``LightningModule.load_from_checkpoint``.
@@ -426,13 +387,7 @@ class GossipStrategy(DDPStrategy):
                     self._enter_consensus()
             if self.is_global_zero:
                 checkpoint = {**checkpoint, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
-        if not self.is_global_zero:
-            return
-        plain_io = type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None
-        if plain_io and _is_local_file_protocol(filepath):
-            _atomic_local_save(checkpoint, os.fspath(filepath))
-        else:
-            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -451,7 +406,7 @@ class GossipStrategy(DDPStrategy):
         gossip = checkpoint.get(CHECKPOINT_KEY)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if gossip is None or not fitting:
-            _check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
+            check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
             return
         if gossip["world_size"] != self.world_size:
@@ -463,12 +418,12 @@ class GossipStrategy(DDPStrategy):
                 f"workers, in-flight messages included) with gossip weight 1/{self.world_size}, the optimizer state of "
                 f"the old rank 0 and gossip counters at zero; the gossip schedule goes on from step {step}."
             )
-            _check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
+            check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
             self._resume_step = step
             return
         mine = gossip["ranks"][self.global_rank]
-        _check_checkpoint_fits(self.lightning_module, mine["model"], strict)
+        check_checkpoint_fits(self.lightning_module, mine["model"], strict)
         self.lightning_module.load_state_dict(mine["model"], strict=strict)
         self._resume_state = mine["gossip"]
 
@@ -491,7 +446,7 @@ class GossipStrategy(DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: Any) -> None:
         for name, start_method in (("gossip", "popen"), ("gossip_spawn", "spawn"), ("gossip_fork", "fork")):
             strategy_registry.register(
                 name,
@@ -501,119 +456,6 @@ class GossipStrategy(DDPStrategy):
             )
 
 
-def _check_checkpoint_fits(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
-    """A clear error, naming the first mismatching key and shapes, for a checkpoint written for another model."""
-    own = module.state_dict()
-    mismatched = [
-        f"{key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} in the model"
-        for key, value in state_dict.items()
-        if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape
-    ]
-    missing = [key for key in own if key not in state_dict] if strict else []
-    unexpected = [key for key in state_dict if key not in own] if strict else []
-    if not (mismatched or missing or unexpected):
-        return
-    problems = mismatched[:3]
-    if len(mismatched) > 3:
-        problems.append(f"{len(mismatched) - 3} more shape mismatches")
-    if missing:
-        problems.append(f"missing from the checkpoint: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"not in the model: {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
-    raise RuntimeError(
-        f"This checkpoint does not fit the model {type(module).__name__}; was it written for another model? "
-        + "; ".join(problems)
-        + "."
-    )
-
-
-def _atomic_local_save(checkpoint: dict[str, Any], path: str) -> None:
-    """Write a checkpoint so that a crash at any moment leaves either the old file or the new one, never a torn one.
-
-    Lightning's ``TorchCheckpointIO`` writes to a file in the system temporary directory and moves it into place: a
-    rename only when both are on one filesystem (a copy into the target otherwise, e.g. with /tmp on tmpfs), and
-    without fsync. Here: a temporary file next to the target, fsync, ``os.replace``, fsync of the directory.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with suppress(OSError):  # make the rename itself durable; not possible on every platform/filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class _GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher, with the gossip checks that need the model run before any process starts, and a
-    process observer that says which rank was lost."""
-
-    def __init__(self, strategy: GossipStrategy, *args: Any) -> None:
-        super().__init__(*args)
-        self._strategy = strategy
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        self._strategy._check_before_launch(trainer)
-        # As Lightning's launch, with _GossipChildObserver in place of its observer.
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            _GossipChildObserver(main_pid=os.getpid(), child_processes=self.procs).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-
-class _GossipChildObserver(_ChildProcessObserver):
-    """Lightning's observer (every 5 s: if a worker exited with an error, SIGKILL all, rank 0 included), but it first
-    writes to stderr which rank was lost and how, since it may kill rank 0 before rank 0 reports a lost peer itself
-    (Lightning only logs this at INFO level, which is often not shown)."""
-
-    @override
-    def _run(self) -> bool:
-        for proc in self._child_processes:
-            proc.poll()
-        for rank, proc in enumerate(self._child_processes, start=1):
-            code = proc.returncode
-            if code:
-                how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else (
-                    f"exit code {code}"
-                )
-                sys.stderr.write(
-                    f"GossipStrategy: lost worker rank {rank} (pid {proc.pid}, {how}). Stopping every worker process, "
-                    "rank 0 included, so that none is left waiting for it; restart from the last checkpoint "
-                    "(Trainer.fit(ckpt_path=...)).\n"
-                )
-                sys.stderr.flush()
-                break
-        return super()._run()
-
-
-class _GossipMultiProcessingLauncher(_MultiProcessingLauncher):
-    """The spawn launcher hands rank 0's module back to the parent; make that the consensus model."""
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        self._strategy._check_before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-    @override
-    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Any:
-        strategy = self._strategy
-        averager = getattr(strategy, "averager", None)
-        if averager is None or strategy.world_size == 1 or trainer.state.fn != TrainerFn.FITTING:
-            return super()._collect_rank_zero_results(trainer, results)
-        # Every rank runs this, so the collective inside is matched.
-        with averager.consensus_swapped_in():
-            return super()._collect_rank_zero_results(trainer, results)
+# Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.
+if "gossip" not in StrategyRegistry:
+    GossipStrategy.register_strategies(StrategyRegistry)

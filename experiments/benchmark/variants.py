@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_gossip import GossipStrategy
-from lightning_gossip.gossip.exchange import GossipExchange, GossipScheduleError, PendingExchange
+from lightning_gossip.gossip import GossipExchange, GossipScheduleError, PendingExchange
 from lightning_gossip.gossip.schedule import StepPlan
 from lightning_gossip.gossip.state import HEADER_BYTES
 
@@ -83,8 +83,4 @@ class PerTensorGossipStrategy(GossipStrategy):
             raise ValueError("The per-tensor variant is implemented for blocking exchange only.")
         super().__init__(*args, **kwargs)
 
-    def _setup_averager(self) -> None:
-        super()._setup_averager()
-        assert self.averager is not None
-        old = self.averager.exchange
-        self.averager.exchange = PerTensorExchange(old.state, old.rank, on_nonfinite=old.on_nonfinite)
+    exchange_factory = PerTensorExchange

@@ -2,100 +2,52 @@
 
     dist.init_process_group("gloo")
     model = make_model()
-    gossip = GossipAverager(model, p=0.1, topology="random", seed=0)   # broadcasts rank 0's weights
+    gossip = GossipAverager(model, GossipOptions(p=0.1, topology="random", seed=0))  # broadcasts rank 0's weights
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in my_shard_of_the_data:
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
         gossip.step()                 # with probability p, push (weights, weight/2) to a peer; mix what arrives
-    gossip.consensus_()               # every rank now holds the exact weighted average
+    gossip.end()                      # messages home, step counts checked, every rank holds the exact average
+
+The averager owns the run's gossip lifecycle: it builds the flat view of the model (:class:`GossipState`), the
+schedule and the exchange (which owns every message in flight), runs the step, the exact consensus, checkpoints of
+its state, and the end of a run. It gossips over ``group`` (the default process group unless one is given).
 """
 
 from __future__ import annotations
 
-import numbers
-from collections import deque
-from collections.abc import Hashable
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_gossip.gossip.errors import collective_guard
-from lightning_gossip.gossip.exchange import GossipCounters, GossipExchange, PendingExchange
-from lightning_gossip.gossip.schedule import GossipSchedule, check_probability
+from lightning_gossip.gossip.counters import GossipCounters
+from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
+from lightning_gossip.gossip.exchange import Exchange, GossipExchange
+from lightning_gossip.gossip.options import GossipOptions
+from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
-from lightning_gossip.gossip.topology import TopologyLike, resolve_topology, validate_topology
+from lightning_gossip.gossip.topology import validate_topology
 
-TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
-    if isinstance(value, torch.dtype) and value.is_floating_point:
-        return value
-    if isinstance(value, Hashable) and value in TRANSFER_DTYPES:
-        return TRANSFER_DTYPES[value]
-    raise ValueError(
-        f"transfer_dtype must be None (the model's dtype) or one of {[k for k in TRANSFER_DTYPES if k]}, got {value!r}."
-    )
+ExchangeFactory = Callable[[GossipState, GossipOptions, Optional[dist.ProcessGroup], GossipSchedule], Exchange]
 
 
-def resolve_staleness(overlap: Any, staleness: Any) -> int:
-    """The number of steps between posting an exchange and mixing it in: 0 blocking, 1 overlapped, K bounded.
-
-    ``overlap=True`` is shorthand for ``staleness=1``; a ``staleness`` given as well wins (any K >= 1 overlaps),
-    except ``staleness=0`` (blocking), which contradicts ``overlap=True``.
-    """
-    if isinstance(overlap, str) or overlap not in (True, False):  # bool, numpy bool, 0/1
-        raise TypeError(f"overlap must be True or False, got {overlap!r}.")
-    overlap = bool(overlap)
-    if staleness is None:
-        return 1 if overlap else 0
-    if isinstance(staleness, bool) or not isinstance(staleness, numbers.Integral) or staleness < 0:
-        raise ValueError(
-            f"staleness must be None or an integer >= 0 (steps between posting an exchange and mixing it in; "
-            f"0 is blocking, 1 is overlap), got {staleness!r}."
-        )
-    if overlap and staleness == 0:
-        raise ValueError("overlap=True means staleness=1, but staleness=0 (blocking) was also given; pass one.")
-    return int(staleness)
-
-
-def check_gossip_options(
-    p: Any,
-    topology: TopologyLike,
-    average_every: Optional[int],
-    transfer_dtype: Any,
-    on_nonfinite: str,
-    overlap: Any = False,
-    staleness: Any = None,
+def check_same_model_on_all_ranks(
+    module: nn.Module, include_buffers: bool, group: Optional[dist.ProcessGroup] = None
 ) -> None:
-    """Validate the options that do not need a model or a process group, so bad input fails before any spawn."""
-    check_probability(p)
-    resolve_staleness(overlap, staleness)
-    resolve_topology(topology)
-    resolve_transfer_dtype(transfer_dtype)
-    if average_every is not None and (
-        isinstance(average_every, bool) or not isinstance(average_every, numbers.Integral) or average_every < 1
-    ):
-        raise ValueError(f"average_every must be None or an integer >= 1 (steps), got {average_every!r}.")
-    if on_nonfinite not in ("warn", "error"):
-        raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}.")
-
-
-def check_same_model_on_all_ranks(module: nn.Module, include_buffers: bool) -> None:
     """Fail at setup, naming the first difference, if the ranks' models do not have the same tensors.
 
     Gossip mixes flat buffers position by position, so a shape mismatch would silently mix unrelated weights.
     """
     named = list(module.named_parameters()) + (list(module.named_buffers()) if include_buffers else [])
     signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in named if t.is_floating_point()]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    with collective_guard("the check that every rank has the same model"):
-        dist.all_gather_object(everyone, signature)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    with collective_guard("the check that every rank has the same model", group):
+        dist.all_gather_object(everyone, signature, group=group)
     reference = everyone[0]
     for rank, other in enumerate(everyone):
         if other == reference:
@@ -110,63 +62,57 @@ def check_same_model_on_all_ranks(module: nn.Module, include_buffers: bool) -> N
                 )
 
 
+def _default_exchange(options: GossipOptions) -> ExchangeFactory:
+    if options.asynchronous:
+        from lightning_gossip.gossip.async_exchange import AsyncGossipExchange
+
+        return AsyncGossipExchange
+    return GossipExchange
+
+
 class GossipAverager:
-    """Sum-weight (push-sum) gossip over the ranks of the default process group.
+    """Sum-weight (push-sum) gossip over the ranks of a process group.
 
     Args:
         module: the local model; its floating-point parameters (and buffers, if ``mix_buffers``) are gossiped.
-        p: probability that this rank pushes its weights after a step, in [0, 1].
-        topology: ``"random"`` (GoSGD), ``"ring"``, ``"exponential"`` or an object with ``peer(rank, M, step, u)``.
-        seed: seeds the shared schedule; must be the same on every rank.
-        mix_buffers: also gossip floating-point buffers such as BatchNorm running statistics.
-        overlap: post step t's transfers and mix them in after step t+1's optimizer step (one step stale), so
-            communication hides behind computation. The same as ``staleness=1``.
-        staleness: bounded staleness K >= 0: the exchange posted after step t is mixed in after step t+K, so a
-            slow transfer hides behind K steps of computation (0 is blocking, 1 is ``overlap``). Mixing points are
-            fixed by step number, so runs stay deterministic and resumable; mixed-in models are K steps old. Up to
-            K exchanges are in flight per rank, each holding a message-sized buffer for its send and one per
-            incoming message (reused from a pool), so memory grows with K.
-        average_every: if set, an exact global average every this many steps (Gossip-PGA; with p=0, Local SGD).
-        transfer_dtype: dtype on the wire (``"bfloat16"``/``"float16"`` halve the bytes); the weight stays float64.
-        on_nonfinite: what to do with a received message holding NaN/Inf: ``"warn"`` (drop its tensors, keep its
-            weight, count it) or ``"error"``.
+        options: a :class:`GossipOptions`; or give its fields as keyword arguments (``p=0.1, staleness=2``).
+            ``seed=None`` means 0 here (the caller resolves a global seed if it has one).
+        group: the process group to gossip in (``None``: the default group). Every rank of it must construct the
+            averager at the same point (it runs collectives).
+        exchange: a factory ``(state, options, group, schedule) -> exchange`` to replace the lock-step
+            :class:`GossipExchange` (see :class:`~lightning_gossip.gossip.exchange.Exchange` for the protocol).
         broadcast: copy rank 0's weights to every rank now (skip when every rank already holds its own state).
     """
 
     def __init__(
         self,
         module: nn.Module,
-        p: float = 0.1,
-        topology: TopologyLike = "random",
-        seed: int = 0,
-        mix_buffers: bool = True,
-        overlap: bool = False,
-        average_every: Optional[int] = None,
-        transfer_dtype: Any = None,
-        on_nonfinite: str = "warn",
+        options: Optional[GossipOptions] = None,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        exchange: Optional[ExchangeFactory] = None,
         broadcast: bool = True,
-        staleness: Optional[int] = None,
+        **option_fields: Any,
     ) -> None:
-        check_gossip_options(p, topology, average_every, transfer_dtype, on_nonfinite, overlap, staleness)
+        if options is None:
+            options = GossipOptions(**option_fields)
+        elif option_fields:
+            options = options.replace(**option_fields)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("GossipAverager needs an initialised default process group (dist.init_process_group).")
+        self.options = options
         self.module = module
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.topology = resolve_topology(topology)
-        validate_topology(self.topology, self.world_size)
-        self.schedule = GossipSchedule(self.world_size, p, self.topology, seed)
-        self.staleness = resolve_staleness(overlap, staleness)
-        self.mix_buffers = mix_buffers
-        self.average_every = average_every
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        validate_topology(options.topology, self.world_size)
+        self.schedule = GossipSchedule(self.world_size, options.p, options.topology, options.schedule_seed())
         self.state = GossipState(
-            gossiped_tensors(module, mix_buffers), 1.0 / self.world_size, resolve_transfer_dtype(transfer_dtype)
+            gossiped_tensors(module, options.mix_buffers), 1.0 / self.world_size, options.transfer_dtype
         )
-        self.exchange = GossipExchange(self.state, self.rank, on_nonfinite=on_nonfinite)
-        self.step_count = 0
-        # Posted exchanges not mixed in yet, oldest first (at most ``staleness`` of them between steps).
-        self._pending: deque[PendingExchange] = deque()
-        check_same_model_on_all_ranks(module, mix_buffers)
+        check_same_model_on_all_ranks(module, options.mix_buffers, group)
+        self.exchange: Exchange = (exchange or _default_exchange(options))(self.state, options, group, self.schedule)
+        self._step = 0
         if broadcast:
             self.broadcast_from_rank_zero()
 
@@ -181,57 +127,90 @@ class GossipAverager:
         return self.exchange.counters
 
     @property
+    def step_count(self) -> int:
+        """The schedule position: how many gossip steps this rank has taken."""
+        return self._step
+
+    @property
+    def staleness(self) -> int:
+        return self.options.staleness
+
+    @property
     def overlap(self) -> bool:
         """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
-        return self.staleness > 0
+        return self.options.overlap
 
     @property
     def in_flight(self) -> bool:
-        """Whether an exchange has been posted and not mixed in yet (overlap / bounded staleness)."""
-        return bool(self._pending)
+        """Whether a message has been received and not mixed in yet (overlap / bounded staleness)."""
+        return bool(self.exchange.in_flight_messages())
 
     def in_flight_weight(self) -> float:
-        """Weight sent to this rank that it has not mixed in yet (waits for the transfers; nonzero only if stale)."""
-        return sum(self.exchange.in_flight_weight(pending) for pending in self._pending)
+        """Weight sent to this rank that it has not mixed in yet (waits for the transfers)."""
+        return sum(GossipState.read_header(message)[0] for message in self.exchange.in_flight_messages())
 
     # -- the algorithm --------------------------------------------------------------------------------------------
     def step(self) -> None:
         """The GoSGD step after an optimizer step: maybe push to a peer, mix in what was sent to this rank."""
-        if self.world_size == 1:
-            self.step_count += 1
-            return
-        # Staleness K: step t-K's transfers ran during the last K forward and backward passes; mix them in now,
-        # before packing step t's message, so what this rank sends already holds what it received.
-        while self._pending and self.step_count - self._pending[0].step >= self.staleness:
-            self.exchange.complete(self._pending.popleft())
-        pending = self.exchange.post(self.schedule.plan(self.step_count))
-        if self.staleness == 0:
-            self.exchange.complete(pending)
-        else:
-            self._pending.append(pending)
-        self.step_count += 1
-        if self.average_every and self.step_count % self.average_every == 0:
+        if self.world_size > 1:
+            self.exchange.step(self._step)
+        self._step += 1
+        if self.world_size > 1 and self.options.average_every and self._step % self.options.average_every == 0:
             self.consensus_()
 
     def finish(self) -> None:
-        """Complete every exchange still in flight, so every rank's weight is back in its own a_i."""
-        while self._pending:
-            self.exchange.complete(self._pending.popleft())
+        """Bring every message in flight home and mix it in, so every rank's weight is back in its own a_i."""
+        if self.world_size > 1:
+            self.exchange.drain()
+
+    def end(self, consensus: Optional[bool] = None) -> None:
+        """End a run: check that every rank took as many steps, bring every message home, put the exact consensus on
+        every rank (``consensus``, default ``options.final_consensus``), and give back the exchange's buffers.
+
+        A collective: every rank must call it. The averager stays usable (for evaluation, or more steps).
+        """
+        if self.world_size == 1:
+            return
+        if not self.options.asynchronous:
+            # Before draining: a rank that took fewer steps would otherwise wait for messages never sent.
+            self.check_same_step_count()
+        if self.options.final_consensus if consensus is None else consensus:
+            self.consensus_()
+        else:
+            self.finish()
+        self.exchange.close()
+
+    def check_same_step_count(self) -> None:
+        """Raise :class:`GossipScheduleError` on every rank if the ranks took different numbers of steps."""
+        steps = torch.tensor([self._step], dtype=torch.int64, device=self.state.device)
+        everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
+        with collective_guard("the check that every rank took the same number of steps", self.group):
+            dist.all_gather(everyone, steps, group=self.group)
+        counts = [int(t.item()) for t in everyone]
+        if len(set(counts)) > 1:
+            raise GossipScheduleError(
+                f"Ranks took different numbers of optimizer steps: {counts}. Gossip pairs ranks by step number, so "
+                "every rank must take the same number of steps: equal-length data shards (Lightning's "
+                "DistributedSampler pads them; keep `use_distributed_sampler=True` or shard evenly yourself) and no "
+                "optimizer steps skipped on some ranks only."
+            )
 
     def broadcast_from_rank_zero(self) -> None:
         """GoSGD's start: every x_i equals rank 0's, a_i = 1/M."""
         flat = self.state.flatten()
-        with collective_guard("the broadcast of rank 0's initial weights"):
-            dist.broadcast(flat, src=0)
+        with collective_guard("the broadcast of rank 0's initial weights", self.group):
+            dist.broadcast(flat, src=self._global_rank_zero(), group=self.group)
         self.state.load_flat(flat)
         self.state.weight = 1.0 / self.world_size
 
-    def _mean(self) -> tuple[torch.Tensor, float]:
-        in_flight = []
-        for pending in self._pending:
-            self.exchange.wait(pending)
-            in_flight += [message for _, message in pending.received]
-        return self.state.weighted_mean(in_flight=in_flight, on_nonfinite=self.exchange.on_nonfinite)
+    def _global_rank_zero(self) -> int:
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
+    def weighted_mean(self) -> tuple[torch.Tensor, float]:
+        """The exact consensus x_bar (messages in flight counted, not mixed in) and sum_i a_i. A collective."""
+        return self.state.weighted_mean(
+            group=self.group, in_flight=self.exchange.in_flight_messages(), on_nonfinite=self.options.on_nonfinite
+        )
 
     @torch.no_grad()
     def consensus_(self) -> float:
@@ -240,8 +219,8 @@ class GossipAverager:
         A collective: every rank must call it.
         """
         self.finish()
-        mean, total = self.state.weighted_mean(on_nonfinite=self.exchange.on_nonfinite)
-        distance = self.state.consensus_distance(mean)
+        mean, total = self.state.weighted_mean(group=self.group, on_nonfinite=self.options.on_nonfinite)
+        distance = self.state.consensus_distance(mean, self.group)
         self.state.load_flat(mean)
         self.state.weight = total / self.world_size
         return distance
@@ -249,7 +228,7 @@ class GossipAverager:
     @torch.no_grad()
     def consensus_distance(self) -> float:
         """(1/M) sum_i ||x_i - x_bar||^2, the spread of the workers' models (a collective)."""
-        return self.state.consensus_distance(self._mean()[0])
+        return self.state.consensus_distance(self.weighted_mean()[0], self.group)
 
     @contextmanager
     def consensus_swapped_in(self) -> Iterator[float]:
@@ -260,8 +239,8 @@ class GossipAverager:
         """
         local = self.state.flatten()
         with torch.no_grad():
-            mean, _ = self._mean()
-            distance = self.state.consensus_distance(mean)
+            mean, _ = self.weighted_mean()
+            distance = self.state.consensus_distance(mean, self.group)
             self.state.load_flat(mean)
         try:
             yield distance
@@ -270,7 +249,7 @@ class GossipAverager:
 
     def refresh_tensors(self) -> None:
         """Re-collect the module's tensors (after ``module.to()``, which replaces buffer tensors)."""
-        tensors = gossiped_tensors(self.module, self.mix_buffers)
+        tensors = gossiped_tensors(self.module, self.options.mix_buffers)
         if [t.numel() for t in tensors] != self.state.numels:
             raise RuntimeError("The model's floating-point tensors changed shape since gossip was set up.")
         self.state.tensors = tensors
@@ -278,23 +257,15 @@ class GossipAverager:
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's gossip state, including messages received but not mixed in yet (overlap / staleness).
-
-        ``in_flight`` lists ``(step, sender, message)``: each waited for, so the checkpoint holds it whole, and
-        mixed in after step ``step + staleness`` of the resumed run, as it would have been without the stop.
-        """
-        in_flight = []
-        for pending in self._pending:
-            self.exchange.wait(pending)
-            in_flight += [(pending.step, src, message.cpu().clone()) for src, message in pending.received]
+        """This rank's gossip state: weight, schedule position, counters and the messages received but not mixed
+        in yet (``in_flight``, ``(step, sender, message)``), each waited for so the checkpoint holds it whole."""
         return {
             "weight": self.state.weight,
-            "step": self.step_count,
+            "step": self._step,
             "seed": self.schedule.seed,
             "world_size": self.world_size,
-            "staleness": self.staleness,
-            "counters": self.counters.as_dict(),
-            "in_flight": in_flight,
+            "staleness": self.options.staleness,
+            **self.exchange.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -304,22 +275,9 @@ class GossipAverager:
                 f"with {self.world_size}."
             )
         self.state.weight = float(state["weight"])
-        self.step_count = int(state["step"])
-        self.exchange.counters = GossipCounters(**state.get("counters", {}))
-        # Every saved message arrived whole before the save, so nothing is owed to or by a peer: a resumed run may
-        # even use another staleness (the messages are then mixed in after step ``step + its staleness``).
-        self._pending = deque()
-        for step, src, message in sorted(state["in_flight"], key=lambda entry: (int(entry[0]), int(entry[1]))):
-            if message.dtype != torch.uint8 or message.numel() != self.state.message_bytes:
-                raise ValueError(
-                    f"A gossip message in flight in this checkpoint (step {step}, from rank {src}) has "
-                    f"{message.numel()} {message.dtype} elements, but this run's messages are "
-                    f"{self.state.message_bytes} bytes: resume with the model, mix_buffers and transfer_dtype the "
-                    "checkpoint was written with."
-                )
-            if not self._pending or self._pending[-1].step != int(step):
-                self._pending.append(PendingExchange(int(step), []))
-            # A copy: the buffer goes back to the pool after mixing and must not alias the caller's checkpoint.
-            buffer = message.to(self.state.device, copy=True)
-            self._pending[-1].received.append((int(src), buffer))
-            self._pending[-1].buffers.append(buffer)
+        self._step = int(state["step"])
+        self.exchange.load_state_dict(state)
+
+    def continue_schedule_at(self, step: int) -> None:
+        """Start counting gossip steps at ``step`` (resuming onto another number of workers: the old position)."""
+        self._step = int(step)

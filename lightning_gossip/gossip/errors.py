@@ -1,4 +1,4 @@
-"""Turning a lost peer into a clear error instead of a hang or an anonymous backend message.
+"""The errors gossip raises, and turning a lost peer into a clear error instead of a hang or an anonymous backend message.
 
 When a rank dies (SIGKILL, out of memory, a crash on another machine), gloo reports it to the ranks that talk to it
 as ``RuntimeError: ... Connection reset by peer`` / ``Connection closed by peer``, and a rank that hangs as
@@ -20,6 +20,14 @@ from datetime import timedelta
 from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
+
+
+class GossipScheduleError(RuntimeError):
+    """Ranks disagree about the gossip step: they took different numbers of optimizer steps."""
+
+
+class NonFiniteGossipError(FloatingPointError):
+    """A received gossip message held NaN or Inf and ``on_nonfinite='error'`` was asked for."""
 
 
 class GossipPeerError(RuntimeError):

@@ -1,52 +1,61 @@
-"""Moving gossip messages between the two ranks of each scheduled exchange.
+"""Moving gossip messages between the two ranks of each scheduled exchange (the lock-step mode).
 
 Every rank knows the step's :class:`~lightning_gossip.gossip.schedule.StepPlan`, so it posts exactly the sends and
 receives that involve it, as one ``batch_isend_irecv`` call: only the ranks of an exchange wait for each other, and no
-collective runs per step. :meth:`GossipExchange.post` starts the transfers and returns at once;
-:meth:`GossipExchange.complete` waits for them and mixes what arrived. Calling both back to back is the blocking
-(synchronous) mode; calling ``complete`` K steps later is the overlapped (K = 1) or bounded-staleness mode, where the
-transfer hides behind the next K forward and backward passes. Several exchanges can be in flight at once: each takes
-its message buffers from a pool and gives them back when it is mixed in. Between two ranks, messages are matched in
-the order they are posted (gloo per peer and tag, NCCL per communicator), and every rank posts in step order, so each
-receive gets the message of its own step. All steps share one tag on purpose: a rank that took a different number of
-steps then receives a message of the wrong step, which the header check turns into a :class:`GossipScheduleError`
-that says so, instead of a hang until the timeout.
+collective runs per step. :meth:`GossipExchange.step` posts step t's transfers and mixes in the exchanges that are due:
+with staleness K, the one posted K steps earlier (K = 0: at once, the blocking mode; K = 1: overlapped), so a transfer
+hides behind the next K forward and backward passes. The exchange owns every message in flight end to end: the posted
+exchanges, oldest first, and a pool of message buffers each takes and gives back when it is mixed in.
+
+Between two ranks, messages are matched in the order they are posted (gloo per peer and tag, NCCL per communicator),
+and every rank posts in step order, so each receive gets the message of its own step. All steps share one tag on
+purpose: a rank that took a different number of steps then receives a message of the wrong step, which the header
+check turns into a :class:`~lightning_gossip.gossip.errors.GossipScheduleError` that says so, instead of a hang until
+the timeout.
+
+The protocol every exchange implements (the averager calls nothing else): ``step(step)``, ``drain()``,
+``in_flight_messages()``, ``state_dict()`` / ``load_state_dict()``, ``close()`` and the attribute ``counters``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gossip.gossip.errors import peer_lost_error
-from lightning_gossip.gossip.schedule import StepPlan
+from lightning_gossip.gossip.counters import GossipCounters
+from lightning_gossip.gossip.errors import GossipScheduleError, NonFiniteGossipError, peer_lost_error
+from lightning_gossip.gossip.options import GossipOptions
+from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan
 from lightning_gossip.gossip.state import GossipState
 
 
-class GossipScheduleError(RuntimeError):
-    """Ranks disagree about the gossip step: they took different numbers of optimizer steps."""
+class Exchange(Protocol):
+    """What the averager needs from an exchange (lock-step here; the asynchronous one has the same shape)."""
 
+    counters: GossipCounters
 
-class NonFiniteGossipError(FloatingPointError):
-    """A received gossip message held NaN or Inf and ``on_nonfinite='error'`` was asked for."""
+    def step(self, step: int) -> None:
+        """Run the exchange's part of gossip step ``step`` (right after that optimizer step)."""
 
+    def drain(self) -> None:
+        """Bring every message in flight home and mix it in (may be a collective: every rank calls it)."""
 
-@dataclass
-class GossipCounters:
-    """What one rank has moved. Bytes count whole messages (header and payload), as they cross the wire."""
+    def in_flight_messages(self) -> list[Tensor]:
+        """Messages received by this rank but not mixed in yet (their mass counts in the exact consensus)."""
 
-    messages_sent: int = 0
-    messages_received: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages_rejected: int = 0
-    steps: int = 0
+    def state_dict(self) -> dict[str, Any]:
+        """``counters`` and ``in_flight`` (messages received, not mixed in yet), for a checkpoint."""
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Give back what the exchange holds (buffers, threads); idempotent."""
 
 
 @dataclass
@@ -63,31 +72,114 @@ class PendingExchange:
 
 
 class GossipExchange:
-    """Matched point-to-point transfers of one rank's :class:`GossipState` according to a step plan."""
+    """Matched point-to-point transfers of one rank's :class:`GossipState`, step by step, from a shared schedule.
+
+    Args:
+        state: this rank's gossiped tensors and weight.
+        options: the gossip options (staleness, on_nonfinite).
+        group: the process group to gossip in (``None``: the default group). Ranks here are ranks of the group.
+        schedule: who sends to whom at each step, identical on every rank of the group.
+    """
 
     def __init__(
         self,
         state: GossipState,
-        rank: int,
-        on_nonfinite: str = "warn",
-        check_finite: bool = True,
+        options: GossipOptions,
+        group: Optional[dist.ProcessGroup],
+        schedule: GossipSchedule,
     ) -> None:
-        if on_nonfinite not in ("warn", "error"):
-            raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}.")
         self.state = state
-        self.rank = rank
-        self.on_nonfinite = on_nonfinite
-        self.check_finite = check_finite
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.schedule = schedule
+        self.staleness = options.staleness
+        self.on_nonfinite = options.on_nonfinite
+        self.check_finite = True
         self.counters = GossipCounters()
+        # Point-to-point calls take global ranks; the schedule speaks in ranks of the group.
+        size = dist.get_world_size(group)
+        self._global_rank = [dist.get_global_rank(group, r) for r in range(size)] if group is not None else None
+        # Posted exchanges not mixed in yet, oldest first (at most ``staleness`` of them between steps).
+        self._pending: deque[PendingExchange] = deque()
         # Free message buffers. A buffer in a posted exchange must not be touched until the transfer is done.
         self._free_buffers: list[Tensor] = []
 
-    def release_free_buffers(self) -> None:
-        """Drop the pooled buffers no exchange is using (after training: up to K x (1 + senders) model copies)."""
+    # -- the protocol ---------------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> tuple[PendingExchange, ...]:
+        """The posted exchanges not mixed in yet, oldest first."""
+        return tuple(self._pending)
+
+    def step(self, step: int) -> None:
+        # Staleness K: step t-K's transfers ran during the last K forward and backward passes; mix them in now,
+        # before packing step t's message, so what this rank sends already holds what it received.
+        while self._pending and step - self._pending[0].step >= self.staleness:
+            self.complete(self._pending.popleft())
+        pending = self.post(self.schedule.plan(step))
+        if self.staleness == 0:
+            self.complete(pending)
+        else:
+            self._pending.append(pending)
+
+    def drain(self) -> None:
+        while self._pending:
+            self.complete(self._pending.popleft())
+
+    def in_flight_messages(self) -> list[Tensor]:
+        messages = []
+        for pending in self._pending:
+            self.wait(pending)
+            messages += [message for _, message in pending.received]
+        return messages
+
+    def in_flight_weight(self) -> float:
+        """Weight sent to this rank that it has not mixed in yet (waits for the transfers; nonzero only if stale)."""
+        return sum(GossipState.read_header(message)[0] for message in self.in_flight_messages())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the messages received but not mixed in yet, as ``(step, sender, message)``.
+
+        Each is waited for, so the checkpoint holds it whole; a resumed run mixes it in after step
+        ``step + staleness``, as it would have been without the stop.
+        """
+        in_flight = []
+        for pending in self._pending:
+            self.wait(pending)
+            in_flight += [(pending.step, src, message.cpu().clone()) for src, message in pending.received]
+        return {"counters": self.counters.as_dict(), "in_flight": in_flight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters = GossipCounters(**state.get("counters", {}))
+        # Every saved message arrived whole before the save, so nothing is owed to or by a peer: a resumed run may
+        # even use another staleness (the messages are then mixed in after step ``step + its staleness``).
+        self._pending = deque()
+        for step, src, message in sorted(state["in_flight"], key=lambda entry: (int(entry[0]), int(entry[1]))):
+            if message.dtype != torch.uint8 or message.numel() != self.state.message_bytes:
+                raise ValueError(
+                    f"A gossip message in flight in this checkpoint (step {step}, from rank {src}) has "
+                    f"{message.numel()} {message.dtype} elements, but this run's messages are "
+                    f"{self.state.message_bytes} bytes: resume with the model, mix_buffers and transfer_dtype the "
+                    "checkpoint was written with."
+                )
+            if not self._pending or self._pending[-1].step != int(step):
+                self._pending.append(PendingExchange(int(step), []))
+            # A copy: the buffer goes back to the pool after mixing and must not alias the caller's checkpoint.
+            buffer = message.to(self.state.device, copy=True)
+            self._pending[-1].received.append((int(src), buffer))
+            self._pending[-1].buffers.append(buffer)
+
+    def close(self) -> None:
+        """Drop the pooled buffers no exchange uses (after training: up to K x (1 + senders) model copies)."""
         self._free_buffers = []
 
+    # -- one step's transfers (the seams a variant overrides) -----------------------------------------------------
     def _take_buffer(self) -> Tensor:
         return self._free_buffers.pop() if self._free_buffers else self.state.new_message()
+
+    def _p2p(self, op: Any, buffer: Tensor, peer: int) -> dist.P2POp:
+        if self._global_rank is None:
+            return dist.P2POp(op, buffer, peer)
+        return dist.P2POp(op, buffer, self._global_rank[peer], self.group)
 
     def post(self, plan: StepPlan) -> PendingExchange:
         """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
@@ -101,14 +193,14 @@ class GossipExchange:
             send_buffer = self._take_buffer()
             buffers.append(send_buffer)
             self.state.pack(send_buffer, plan.step, self.rank)
-            ops.append(dist.P2POp(dist.isend, send_buffer, target))
+            ops.append(self._p2p(dist.isend, send_buffer, target))
             peers.append(target)
             self.counters.messages_sent += 1
             self.counters.bytes_sent += self.state.message_bytes
         sources = plan.sources_of(self.rank)
         received = [(src, self._take_buffer()) for src in sources]
         buffers += [buffer for _, buffer in received]
-        ops += [dist.P2POp(dist.irecv, buffer, src) for src, buffer in received]
+        ops += [self._p2p(dist.irecv, buffer, src) for src, buffer in received]
         peers += sources
         try:
             requests = dist.batch_isend_irecv(ops) if ops else []
@@ -130,11 +222,6 @@ class GossipExchange:
                 raise peer_lost_error(self.rank, lost, f"the gossip exchange of step {pending.step}", error) from error
         # Only now: an exchange whose wait failed must not look finished (its buffers may still be written into).
         pending.requests = []
-
-    def in_flight_weight(self, pending: PendingExchange) -> float:
-        """The gossip weight carried by the (waited-for) messages of ``pending`` that are not mixed in yet."""
-        self.wait(pending)
-        return sum(GossipState.read_header(message)[0] for _, message in pending.received)
 
     def complete(self, pending: PendingExchange) -> None:
         """Wait for the step's transfers and mix the received messages in, in ascending sender order."""

@@ -29,10 +29,8 @@ def _per_tensor_vs_flat(rank: int, world_size: int, steps: int):
     results = []
     for per_tensor in (False, True):
         model = _model(rank)
-        averager = GossipAverager(model, p=0.6, seed=5)
-        if per_tensor:
-            old = averager.exchange
-            averager.exchange = PerTensorExchange(old.state, old.rank)
+        averager = GossipAverager(model, p=0.6, seed=5, exchange=PerTensorExchange if per_tensor else None)
+        assert isinstance(averager.exchange, PerTensorExchange) == per_tensor
         for step in range(steps):
             _perturb(model, rank, step)
             averager.step()

@@ -114,7 +114,7 @@ def test_strategy_configs(tmp_path, name):
         assert isinstance(strategy, lightning_gossip.GossipStrategy)
         assert strategy._start_method == ("spawn" if name == "gossip_spawn" else "popen")
         if name == "local_sgd":
-            assert strategy.p == 0.0 and strategy.average_every == cfg.strategy.average_every > 0
+            assert strategy.p == 0.0 and strategy.options.average_every == cfg.strategy.average_every > 0
 
 
 @pytest.mark.parametrize("name", options("trainer"))

@@ -37,13 +37,13 @@ def _mass_mean_consensus(rank, world_size, steps):
             model = _tiny_model()
             averager = GossipAverager(model, p=0.5, topology=topology, seed=3, overlap=overlap)
             _make_ranks_differ(averager, rank)
-            mean0, _ = averager._mean()
+            mean0, _ = averager.weighted_mean()
             start = averager.consensus_distance()
             mass_err = 0.0
             for _ in range(steps):
                 averager.step()
                 mass_err = max(mass_err, abs(_global_mass(averager) - 1.0))
-            mean1, _ = averager._mean()
+            mean1, _ = averager.weighted_mean()
             end = averager.consensus_distance()
             averager.finish()
             mass_err = max(mass_err, abs(_global_mass(averager) - 1.0))

@@ -68,16 +68,16 @@ def _weights_mass_mean(rank: int, world_size: int, staleness: int, steps: int) -
     with torch.no_grad():  # ranks start apart, so the mean and the consensus mean something
         for t in averager.state.tensors:
             t.add_(rank)
-    mean0, _ = averager._mean()
+    mean0, _ = averager.weighted_mean()
     weights, masses, in_flight, drift = [], [], [], 0.0
     for _ in range(steps):
         averager.step()
         weights.append(averager.weight)
-        in_flight.append(len(averager._pending))
+        in_flight.append(len(averager.exchange.pending))
         mass = torch.tensor([averager.weight + averager.in_flight_weight()], dtype=torch.float64)
         dist.all_reduce(mass)
         masses.append(float(mass))
-        drift = max(drift, float((averager._mean()[0] - mean0).abs().max()))
+        drift = max(drift, float((averager.weighted_mean()[0] - mean0).abs().max()))
     averager.consensus_()
     return {"weights": weights, "masses": masses, "in_flight": in_flight, "drift": drift, "final": _flat(averager),
             "final_weight": averager.weight, "counters": averager.counters.as_dict()}
@@ -157,7 +157,7 @@ def _save_and_resume(rank: int, world_size: int, staleness: int, steps: int, sto
     model.load_state_dict(checkpoint["model"])
     averager = GossipAverager(model, p=P, seed=SEED, staleness=staleness, broadcast=False)
     averager.load_state_dict(checkpoint["gossip"])
-    pending_after_load = [p.step for p in averager._pending]
+    pending_after_load = [p.step for p in averager.exchange.pending]
     for step in range(stop_at, steps):
         _train_step(averager, rank, step)
         averager.step()

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_gossip import GossipStrategy
 from lightning_gossip.gossip import GossipAverager
-from lightning_gossip.strategy import _check_checkpoint_fits
+from lightning_gossip.checkpoint_io import check_checkpoint_fits
 from tests.reliability.workers import run_forked
 
 TOPOLOGY_NAMES = "['exponential', 'random', 'ring']"
@@ -57,6 +57,10 @@ BAD_OPTIONS = [
     ({"eval_mode": "avg"}, ValueError, ["eval_mode must be one of ('consensus', 'local')", "got 'avg'"]),
     ({"seed": "1"}, TypeError, ["seed must be None or an int", "got '1'"]),
     ({"seed": 1.5}, TypeError, ["seed must be None or an int", "got 1.5"]),
+    ({"final_consensus": "false"}, TypeError, ["final_consensus must be True or False", "got 'false' (str)"]),
+    ({"mix_buffers": "no"}, TypeError, ["mix_buffers must be True or False", "got 'no' (str)"]),
+    ({"monitor": "yes"}, TypeError, ["monitor must be True or False", "got 'yes' (str)"]),
+    ({"sigterm_sync_every": 0}, ValueError, ["sigterm_sync_every must be None or an integer >= 1", "got 0"]),
     ({"timeout": 30}, TypeError, ["timeout must be None or a positive datetime.timedelta", "got 30"]),
     ({"timeout": timedelta(0)}, TypeError, ["positive datetime.timedelta", "got datetime.timedelta(0)"]),
 ]
@@ -211,19 +215,19 @@ def test_models_that_differ_between_ranks(variant: str, world_size: int, expecte
 def test_checkpoint_fit_check_names_keys_and_shapes() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 3))
     good = {k: v.clone() for k, v in model.state_dict().items()}
-    _check_checkpoint_fits(model, good, strict=True)
+    check_checkpoint_fits(model, good, strict=True)
     bigger = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 3)).state_dict()
     with pytest.raises(RuntimeError) as info:
-        _check_checkpoint_fits(model, bigger, strict=True)
+        check_checkpoint_fits(model, bigger, strict=True)
     text = str(info.value)
     assert "does not fit the model Sequential" in text
     assert "0.weight has shape (32, 8) in the checkpoint but (16, 8) in the model" in text
     missing = {k: v for k, v in good.items() if k != "1.bias"}
     with pytest.raises(RuntimeError, match=r"missing from the checkpoint: \['1.bias'\]"):
-        _check_checkpoint_fits(model, missing, strict=True)
-    _check_checkpoint_fits(model, missing, strict=False)  # Lightning's strict_loading=False allows it
+        check_checkpoint_fits(model, missing, strict=True)
+    check_checkpoint_fits(model, missing, strict=False)  # Lightning's strict_loading=False allows it
     with pytest.raises(RuntimeError, match=r"not in the model: \['2.weight'\]"):
-        _check_checkpoint_fits(model, {**good, "2.weight": torch.zeros(1)}, strict=True)
+        check_checkpoint_fits(model, {**good, "2.weight": torch.zeros(1)}, strict=True)
 
 
 # -- Hydra overrides with wrong values: Hydra's error (naming the config key) around ours, before anything runs ------

@@ -125,28 +125,26 @@ def test_resume_after_crash_is_exact(first_runs: Path, resumes) -> None:
 
 
 def test_process_observer_names_the_lost_rank(capfd) -> None:
-    """The launcher's observer: a worker that died is reported by rank, then every process is stopped."""
-    from lightning_gossip.strategy import _GossipChildObserver
-
-    class Dead:
-        pid, returncode = 4242, -9
-
-        def poll(self) -> int:
-            return self.returncode
-
-        def send_signal(self, signum: int) -> None:
-            self.signalled = signum
+    """The launcher: a worker that died is reported by rank (gossip's reporter), then every process is stopped
+    (Lightning's observer)."""
+    from lightning_gossip._lightning_compat import _ChildProcessObserver
+    from lightning_gossip.launchers import _LostWorkerReporter
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    main, alive = subprocess.Popen(sleeper), subprocess.Popen(sleeper)  # main stands in for rank 0
+    main, alive, dead = (subprocess.Popen(sleeper) for _ in range(3))  # main stands in for rank 0
     try:
-        dead = Dead()
-        observer = _GossipChildObserver(main_pid=main.pid, child_processes=[alive, dead])
+        dead.kill()
+        dead.wait(timeout=10)
+        reporter = _LostWorkerReporter([alive, dead], interval=0.05)
+        reporter.start()
+        reporter.join(timeout=10)
+        assert not reporter.is_alive()
+        observer = _ChildProcessObserver(main_pid=main.pid, child_processes=[alive, dead])
         assert observer._run() is True
         assert main.wait(timeout=10) == -9 and alive.wait(timeout=10) == -9
     finally:
-        for proc in (main, alive):
+        for proc in (main, alive, dead):
             proc.kill()
             proc.wait()
     err = capfd.readouterr().err
-    assert "GossipStrategy: lost worker rank 2 (pid 4242, signal SIGKILL)" in err, err
+    assert f"GossipStrategy: lost worker rank 2 (pid {dead.pid}, signal SIGKILL)" in err, err

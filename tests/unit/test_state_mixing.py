@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gossip.gossip.averager import check_gossip_options, resolve_staleness, resolve_transfer_dtype
 from lightning_gossip.gossip.state import HEADER_BYTES, GossipState, gossiped_tensors
 
 
@@ -67,33 +66,3 @@ def test_model_without_float_tensors_is_rejected():
         GossipState([], 1.0)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(p=2.0), r"p must be in \[0, 1\], got 2.0"),
-        (dict(topology="mesh"), "Unknown gossip topology 'mesh'"),
-        (dict(average_every=0), "average_every must be None or an integer >= 1.*got 0"),
-        (dict(transfer_dtype="int8"), "transfer_dtype must be None .* got 'int8'"),
-        (dict(on_nonfinite="ignore"), "on_nonfinite must be 'warn' or 'error', got 'ignore'"),
-        (dict(staleness=-1), "staleness must be None or an integer >= 0.*got -1"),
-    ],
-)
-def test_option_errors_name_the_bad_value(kwargs, match):
-    options = dict(p=0.1, topology="random", average_every=None, transfer_dtype=None, on_nonfinite="warn")
-    options.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        check_gossip_options(**options)
-
-
-def test_staleness_follows_overlap_unless_given():
-    assert resolve_staleness(False, None) == 0  # blocking
-    assert resolve_staleness(True, None) == 1  # overlap is one step of staleness
-    assert resolve_staleness(False, 8) == 8
-    assert resolve_staleness(True, 8) == 8
-    assert resolve_staleness(False, 0) == 0
-
-
-def test_transfer_dtype_names():
-    assert resolve_transfer_dtype("bfloat16") is torch.bfloat16
-    assert resolve_transfer_dtype(None) is None
-    assert resolve_transfer_dtype(torch.float16) is torch.float16

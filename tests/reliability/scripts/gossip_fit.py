@@ -115,7 +115,7 @@ def snapshot(trainer) -> dict:
     s = trainer.strategy
     module = trainer.lightning_module
     averager = getattr(s, "averager", None)
-    pending = list(getattr(averager, "_pending", None) or [])  # exchanges posted, not mixed in yet, oldest first
+    pending = list(averager.exchange.pending) if averager is not None else []  # exchanges posted, not mixed in yet, oldest first
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "gossip_weight": s.gossip_weight,

@@ -1,0 +1,108 @@
+"""Registering the strategy names with Lightning, without importing Lightning.
+
+``import lightning_gossip`` must make ``Trainer(strategy="gossip")`` work, yet ``import lightning_gossip.gossip`` (the
+plain-torch algorithm, which a hand-written loop uses) must not pay for importing Lightning (seconds) or need it
+installed. Python imports a package before any of its submodules, so the package itself cannot import Lightning.
+
+Instead, registration runs when Lightning is there: at once if it is imported already, otherwise right after its
+package has finished importing (an import hook on ``sys.meta_path`` that lets the normal finders find the module and
+runs the registration after the module's own code). Every ``Trainer`` or ``Fabric`` is made after its package has
+finished importing, so the names are always registered before anyone looks them up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Callable, Optional
+
+Registration = Callable[[], None]
+
+
+def _import_registering_module(name: str) -> Registration:
+    """A registration that imports ``name``, a module that registers its strategies when it is imported.
+
+    If that module is the one importing Lightning right now (e.g. ``lightning_gossip.GossipStrategy`` used first),
+    it is in ``sys.modules`` but not finished: it registers itself when it is, so nothing is done here.
+    """
+
+    def register() -> None:
+        if name not in sys.modules:
+            importlib.import_module(name)
+
+    return register
+
+
+# package -> what to register once it is fully imported
+_REGISTRATIONS: dict[str, list[Registration]] = {
+    "lightning.pytorch": [_import_registering_module("lightning_gossip.strategy")],
+}
+
+
+class _AfterImportHook(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a watched package it wraps the real loader so registration runs after it."""
+
+    def find_spec(
+        self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname not in _REGISTRATIONS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisteringLoader(spec.loader, fullname)
+                return spec
+        return None
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """The real loader, plus the registrations of ``name`` once the module's code has run."""
+
+    def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
+        self._loader = loader
+        self._name = name
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # The module must point at its real loader (importlib.resources, linecache and pickle look there).
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _run(self._name)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._loader, name)
+
+
+def _run(package: str) -> None:
+    for registration in _REGISTRATIONS.pop(package, []):
+        registration()
+    if not _REGISTRATIONS:
+        _uninstall()
+
+
+_HOOK = _AfterImportHook()
+
+
+def _uninstall() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
+def install() -> None:
+    """Register now for every watched package already imported; watch for the others."""
+    for package in list(_REGISTRATIONS):
+        if package in sys.modules:
+            _run(package)
+    if _REGISTRATIONS and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
