@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
+from lightning_gossip._lightning_compat import SIGTERM_BROADCAST_METHOD
 from lightning_gossip.gossip.work_sharing import WorkSharingSampler
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ def install_stop_flag(trainer: "pl.Trainer", strategy: Any, flag: StopFlag) -> N
             flag.stop_for_sigterm(trainer.global_rank, trainer.world_size, _timeout_seconds(strategy))
 
     # Called by the training epoch loop before every batch in place of the broadcast.
-    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check_stop_flag
+    setattr(trainer.fit_loop.epoch_loop, SIGTERM_BROADCAST_METHOD, check_stop_flag)
     for timer in _timers(trainer):
         # Its per-batch broadcast of rank 0's decision is replaced by the flag (checked above and at the boundary).
         timer.on_train_batch_end = lambda *args, **kwargs: None  # type: ignore[method-assign]
@@ -303,9 +304,10 @@ def refuse_step_collective(what: str) -> None:
 
 # -- the strategy's asynchronous-mode hooks (GossipStrategy calls these when asynchronous=True) ---------------------
 def seed_of(strategy: Any) -> int:
+    """The gossip seed, else Lightning's global seed (``seed_everything``), else 0: it also seeds the shuffling."""
     import os
 
-    return strategy.seed if getattr(strategy, "seed", None) is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+    return strategy.options.schedule_seed(fallback=int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
 
 def setup_fit(strategy: Any, trainer: "pl.Trainer") -> None:

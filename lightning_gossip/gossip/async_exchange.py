@@ -152,6 +152,7 @@ class AsyncGossipExchange:
         self._sent_to = [0] * self.world_size  # cumulative, since construction
         self._seq = 0
         self._drains = 0
+        self._quiescent = False
         self._probes: list = []
         self._uid = ""
         self._closed = False
@@ -241,6 +242,7 @@ class AsyncGossipExchange:
     def step(self, step: int) -> None:
         """After optimizer step ``step``: mix what has arrived, then maybe push to a peer. Never waits for a peer."""
         self.counters.steps += 1
+        self._quiescent = False
         if self.world_size == 1 or self._closed:
             return
         self._check_receiver()
@@ -406,6 +408,8 @@ class AsyncGossipExchange:
         self._mix_arrived()
         self._check_sends(block_until=deadline)
         self._collective("the barrier that ends asynchronous gossip quiescence", torch.zeros(1))
+        # The consistent cut: until this rank steps again, what arrives is after the cut (see state_dict).
+        self._quiescent = True
 
     def _collective(self, what: str, tensor: Tensor, checkpoint: Optional[str] = None) -> None:
         """An all-reduce over the control group that names the rank(s) that never came, if it fails.
@@ -458,14 +462,29 @@ class AsyncGossipExchange:
             return sum(GossipState.read_header(message)[0] for _, message in self._arrived)
 
     def state_dict(self) -> dict[str, Any]:
-        """The messages received and not mixed in yet (none right after :meth:`drain`, the consistent cut)."""
-        with self._cond:
-            arrived = [(source, message.clone()) for source, message in self._arrived]
-        return {"asynchronous": True, "in_flight": arrived, "seq": self._seq, "sends_skipped": self.sends_skipped}
+        """Counters and the messages received but not mixed in yet, as ``(sequence number, sender, message)``.
+
+        Right after :meth:`drain` (the consistent cut every checkpoint is taken at) nothing before the cut is in
+        flight, so ``in_flight`` is empty; a message that arrives after the cut (a faster peer already training again)
+        belongs to the next cut: its mass is in neither its sender's saved weight nor this rank's. Called without a
+        drain, the messages received so far are saved, but messages on the wire are not: not a consistent cut.
+        """
+        if self._quiescent:
+            arrived = []
+        else:
+            with self._cond:
+                arrived = [(source, message.clone()) for source, message in self._arrived]
+        return {
+            "counters": self.counters.as_dict(),
+            "in_flight": [(int(GossipState.read_header(m)[1]), source, m) for source, m in arrived],
+            "asynchronous": {"seq": self._seq, "sends_skipped": self.sends_skipped, "consistent": self._quiescent},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters = GossipCounters(**state.get("counters", {}))
         messages = []
-        for source, message in state.get("in_flight", []):
+        for entry in state.get("in_flight", []):
+            source, message = int(entry[-2]), entry[-1]  # (seq or step, sender, message), as the lock-step exchange
             if message.dtype != torch.uint8 or message.numel() != self.state.message_bytes:
                 raise ValueError(
                     f"A gossip message in flight in this checkpoint (from rank {source}) has {message.numel()} "
@@ -474,12 +493,13 @@ class AsyncGossipExchange:
                 )
             buffer = self._new_host_message()
             buffer.copy_(message)
-            messages.append((int(source), buffer))
+            messages.append((source, buffer))
         with self._cond:
             # Mixed at the next step; the per-peer counts stay this run's, so drain's accounting is unaffected.
             self._arrived.extendleft(reversed(messages))
-        self._seq = int(state.get("seq", 0))
-        self.sends_skipped = int(state.get("sends_skipped", 0))
+        extra = state.get("asynchronous") or {}
+        self._seq = int(extra.get("seq", 0))
+        self.sends_skipped = int(extra.get("sends_skipped", 0))
 
     def close(self, clean: bool = True) -> None:
         """Stop the receiver thread and release the buffers. Idempotent.

@@ -129,7 +129,7 @@ def test_settings_that_need_a_collective_per_step_are_refused_before_workers_sta
     assert not torch.distributed.is_initialized()  # refused in the launching process, before any worker started
 
 
-def test_registry_name():
-    assert "gossip_async" in L.pytorch.strategies.StrategyRegistry or not hasattr(
-        lightning_gossip.GossipStrategy, "asynchronous"
-    )
+def test_registry_name_selects_the_asynchronous_mode():
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="gossip_async", logger=False)
+    assert isinstance(trainer.strategy, lightning_gossip.GossipStrategy)
+    assert trainer.strategy.options.asynchronous

@@ -83,12 +83,7 @@ class Model(L.LightningModule):
 
 
 def _strategy(p: float):
-    try:
-        return lightning_gossip.GossipStrategy(p=p, asynchronous=True)
-    except TypeError:  # TEMPORARY: before the architecture refactor
-        from lightning_gossip._async_prearch import AsyncStrategy
-
-        return AsyncStrategy(p=p)
+    return lightning_gossip.GossipStrategy(p=p, asynchronous=True)
 
 
 def main() -> None:
