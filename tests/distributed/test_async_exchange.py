@@ -258,3 +258,37 @@ def _run_tolerating_lost_rank(fn, world_size, *args):
                 process.kill()
     assert sorted(results) == [r for r in range(world_size) if r != 1], results
     return results
+
+
+# -- through the averager: the hand-written training loop of the README ---------------------------------------------
+def _averager_loop(rank, world_size, steps_by_rank):
+    from lightning_gossip.gossip import GossipAverager
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    gossip = GossipAverager(model, p=0.5, asynchronous=True, seed=1)
+    assert isinstance(gossip.exchange, AsyncGossipExchange)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1000 + rank)
+    for _ in range(steps_by_rank[rank]):  # ranks take different numbers of steps: allowed, nobody waits
+        x = torch.randn(16, 4, generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), (x.sum(1) > 0).long()).backward()
+        opt.step()
+        gossip.step()
+    with gossip.consensus_swapped_in() as distance:  # a quiescent point inside: exact mean, then own weights back
+        pass
+    gossip.end()  # drain, exact consensus on every rank, close
+    flat = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    return flat, gossip.weight, gossip.step_count, distance, gossip.exchange.receiver_alive
+
+
+def test_averager_with_asynchronous_true_allows_different_step_counts_and_ends_in_consensus():
+    steps = [40, 25, 60]
+    results = run_distributed(_averager_loop, 3, steps)
+    for flat, weight, step_count, distance, alive in results:
+        assert torch.equal(flat, results[0][0])
+        assert weight == pytest.approx(1 / 3, abs=1e-15)
+        assert not alive  # end() stopped the receiver thread
+        assert distance > 0
+    assert [r[2] for r in results] == steps

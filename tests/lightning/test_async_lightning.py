@@ -106,6 +106,21 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
             proc.wait()
 
 
+def test_max_time_stops_every_rank_at_the_same_epoch_end(tmp_path):
+    # Lightning's Timer would broadcast rank 0's decision after every batch; here the first rank out of time raises
+    # the store's stop flag, the shared data runs out for everyone, and all stop at the same epoch's end.
+    records = _fit(
+        tmp_path / "run", "--epochs", "1000", "--max-seconds", "4", "--slow-rank", "1", "--slowdown", "3",
+        "--n", "4096",
+    )
+    assert len({r["epochs"] for r in records}) == 1 and records[0]["epochs"] < 1000
+    for r in records[1:]:
+        assert torch.equal(r["params"], records[0]["params"])
+    last = max(records[0]["seen"])
+    used = [i for r in records for i in r["seen"].get(last, [])]
+    assert len(used) == len(set(used))  # the epoch cut short still used no sample twice
+
+
 @pytest.mark.parametrize(
     "trainer_kwargs,message",
     [

@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--slowdown", type=float, default=1.0)
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--max-seconds", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -107,6 +108,7 @@ def main() -> None:
         devices=args.devices,
         strategy=_strategy(args.p),
         max_epochs=args.epochs,
+        max_time=None if args.max_seconds is None else {"seconds": args.max_seconds},
         callbacks=[ModelCheckpoint(dirpath=os.path.join(args.out_dir, "ckpt"), save_last=True, save_top_k=-1)],
         logger=False,
         enable_progress_bar=False,
@@ -125,6 +127,7 @@ def main() -> None:
         "restored": model.restored,
         "seconds": seconds,
         "counters": strategy.counters.as_dict(),
+        "epochs": trainer.current_epoch,
     }
     torch.save(record, os.path.join(args.out_dir, f"rank{trainer.global_rank}.pt"))
 
