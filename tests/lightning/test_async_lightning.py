@@ -31,10 +31,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _fit(out: Path, *options: str, timeout: float = 300) -> list[dict]:
+def _run(out: Path, *options: str, timeout: float = 300) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(SCRIPT), str(out), *options]
-    proc = subprocess.run(args, cwd=out, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=out, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _fit(out: Path, *options: str, timeout: float = 300) -> list[dict]:
+    proc = _run(out, *options, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
@@ -142,6 +146,12 @@ def test_settings_that_need_a_collective_per_step_are_refused_before_workers_sta
         trainer.fit(model)
     assert "different numbers of optimizer steps" in str(error.value)
     assert not torch.distributed.is_initialized()  # refused in the launching process, before any worker started
+
+
+def test_sync_dist_logging_on_step_is_refused_with_a_clear_error(tmp_path):
+    proc = _run(tmp_path, "--devices", "2", "--n", "64", "--step-seconds", "0", "--sync-dist-on-step", timeout=120)
+    assert proc.returncode != 0
+    assert "AsynchronousModeError" in proc.stderr and "sync_dist=False on step" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_registry_name_selects_the_asynchronous_mode():

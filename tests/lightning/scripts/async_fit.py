@@ -38,7 +38,14 @@ class IndexedBlobs(Dataset):
 
 class Model(L.LightningModule):
     def __init__(
-        self, step_seconds: float, slow_rank: int, slowdown: float, n: int, batch_size: int, out_dir: str
+        self,
+        step_seconds: float,
+        slow_rank: int,
+        slowdown: float,
+        n: int,
+        batch_size: int,
+        out_dir: str,
+        sync_dist_on_step: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,7 +60,8 @@ class Model(L.LightningModule):
         slow = self.global_rank == self.hparams.slow_rank
         time.sleep(self.hparams.step_seconds * (self.hparams.slowdown if slow else 1.0))
         loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True)  # per-rank on step, reduced at the epoch's end
+        # Per-rank on step, reduced at the epoch's end (sync_dist on step is refused in asynchronous mode).
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=self.hparams.sync_dist_on_step)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -99,10 +107,13 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--max-seconds", type=float, default=None)
+    parser.add_argument("--sync-dist-on-step", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = Model(args.step_seconds, args.slow_rank, args.slowdown, args.n, args.batch_size, args.out_dir)
+    model = Model(
+        args.step_seconds, args.slow_rank, args.slowdown, args.n, args.batch_size, args.out_dir, args.sync_dist_on_step
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
