@@ -49,5 +49,5 @@ print(sorted(name for name in StrategyRegistry if name.startswith("gossip")))
 print(StrategyRegistry["gossip"]["strategy"] is GossipStrategy)
 """
     names, same_class = _run(code).strip().splitlines()
-    assert names == "['gossip', 'gossip_fork', 'gossip_spawn']"
+    assert names == "['gossip', 'gossip_async', 'gossip_fork', 'gossip_spawn']"
     assert same_class == "True"
