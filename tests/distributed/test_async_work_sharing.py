@@ -75,3 +75,45 @@ def test_single_process_with_its_own_store_uses_everything_once():
     other = list(sampler)
     assert sorted(first) == sorted(again) == sorted(other) == list(range(37))
     assert first == again == sampler.permutation(0) and other == sampler.permutation(1) != first
+
+
+def _readme_loop(rank, world_size, n, epochs):
+    """The README's hand-written asynchronous loop, with random per-rank delays."""
+    from torch import nn
+
+    from lightning_gossip.gossip import GossipAverager
+
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(n, 4), torch.arange(n))
+    model = nn.Linear(4, 2)
+    gossip = GossipAverager(model, p=0.5, asynchronous=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampler = WorkSharingSampler(dataset, batch_size=8, seed=0)
+    loader = DataLoader(dataset, batch_size=8, sampler=sampler)
+    rng = random.Random(rank)
+    seen, masses = [], []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        ids = []
+        for x, i in loader:
+            time.sleep(rng.random() * 0.003 * (1 + rank))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            gossip.step()
+            ids += i.tolist()
+        gossip.finish()
+        mass = torch.tensor([gossip.weight], dtype=torch.float64)
+        torch.distributed.all_reduce(mass)
+        seen.append(ids)
+        masses.append(float(mass))
+    gossip.end()
+    return seen, masses, nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+def test_the_readme_loop_uses_every_sample_once_and_conserves_mass():
+    results = run_distributed(_readme_loop, 3, 240, 2, timeout=180)
+    for epoch in range(2):
+        assert sorted(i for seen, _, _ in results for i in seen[epoch]) == list(range(240))
+    assert all(abs(m - 1.0) < 1e-12 for _, masses, _ in results for m in masses)
+    assert all(torch.equal(flat, results[0][2]) for _, _, flat in results)
