@@ -165,8 +165,12 @@ class AsyncGossipExchange:
             ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
             # Messages travel on their own group, so gossip never shares a tag or a connection with the training
             # collectives; the control group carries drain's count all-reduce and barriers, with the real timeout.
-            self._side = dist.new_group(ranks, backend="gloo", timeout=_SIDE_GROUP_TIMEOUT)
-            self._control = dist.new_group(ranks, backend="gloo", timeout=self.timeout)
+            # Inside a subgroup only its ranks construct the exchange, so only they create the side groups.
+            local = group is not None
+            self._side = dist.new_group(
+                ranks, backend="gloo", timeout=_SIDE_GROUP_TIMEOUT, use_local_synchronization=local
+            )
+            self._control = dist.new_group(ranks, backend="gloo", timeout=self.timeout, use_local_synchronization=local)
             # Unique per exchange and the same on every rank (groups are created in the same order everywhere).
             self._uid = str(getattr(self._side, "group_name", "")) or str(id(self))
             self._thread = threading.Thread(

@@ -292,3 +292,29 @@ def test_averager_with_asynchronous_true_allows_different_step_counts_and_ends_i
         assert not alive  # end() stopped the receiver thread
         assert distance > 0
     assert [r[2] for r in results] == steps
+
+
+def _subgroup(rank, world_size):
+    from lightning_gossip.gossip import GossipAverager
+
+    members = [1, 2, 3]
+    group = dist.new_group(members)
+    torch.manual_seed(rank)
+    model = nn.Linear(4, 3)
+    before = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    if rank not in members:
+        dist.barrier()
+        return before, nn.utils.parameters_to_vector(model.parameters()).detach(), None
+    gossip = GossipAverager(model, p=0.7, seed=2, group=group, asynchronous=True)
+    for _ in range(30 + 10 * rank):
+        gossip.step()
+    gossip.end()
+    dist.barrier()
+    return before, nn.utils.parameters_to_vector(model.parameters()).detach(), gossip.weight
+
+
+def test_asynchronous_gossip_in_a_subgroup_leaves_the_rest_alone():
+    results = run_distributed(_subgroup, 4)
+    assert torch.equal(results[0][0], results[0][1])
+    for _, after, weight in results[1:]:
+        assert torch.equal(after, results[1][1]) and abs(weight - 1 / 3) < 1e-12
