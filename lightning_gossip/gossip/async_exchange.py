@@ -112,7 +112,8 @@ class AsyncGossipExchange:
         source = schedule if schedule is not None else options
         self.p = float(getattr(source, "p", p))
         self.topology = resolve_topology(getattr(source, "topology", topology) or RandomPeer())
-        self.seed = int(getattr(source, "seed", seed))
+        source_seed = getattr(source, "seed", seed)
+        self.seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
         self.on_nonfinite = getattr(options, "on_nonfinite", on_nonfinite)
         if self.on_nonfinite not in ("warn", "error"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {self.on_nonfinite!r}.")
@@ -361,7 +362,8 @@ class AsyncGossipExchange:
         if self._on_device:
             if self._staging is None:
                 self._staging = self.state.new_message()
-            self._staging.copy_(message, non_blocking=True)
+            # Synchronous: the host buffer goes back to the receiver as soon as this message is mixed.
+            self._staging.copy_(message)
             message = self._staging
         if self.check_finite and not self.state.payload_is_finite(message):
             self.counters.messages_rejected += 1
