@@ -70,12 +70,14 @@ def _invariants(rank, world_size, steps, drain_every, p, max_sleep):
         mass_err = max(mass_err, abs(_mass(state) - 1.0))
         mean1, _ = state.weighted_mean()
         end = state.consensus_distance(mean1)
-        counts = torch.tensor([exchange.counters.messages_sent, exchange.counters.messages_received, exchange.sends_skipped])
+        counters = exchange.counters
+        counts = torch.tensor([counters.messages_sent, counters.messages_received, exchange.sends_skipped])
         dist.all_reduce(counts)
         exchange.close()
         out[topology] = dict(
             mass_err=mass_err, drift=max(drift, float((mean1 - mean0).abs().max())), start=start, end=end,
-            sent=int(counts[0]), received=int(counts[1]), skipped=int(counts[2]), receiver_alive=exchange.receiver_alive,
+            sent=int(counts[0]), received=int(counts[1]), skipped=int(counts[2]),
+            receiver_alive=exchange.receiver_alive,
         )
     return out
 

@@ -45,7 +45,9 @@ def _fit(out: Path, *options: str, timeout: float = 300) -> list[dict]:
 
 def test_straggler_takes_fewer_steps_every_sample_once_identical_weights_and_exact_resume(tmp_path):
     k = 4
-    records = _fit(tmp_path / "run", "--slow-rank", "3", "--slowdown", str(k), "--epochs", "2", "--step-seconds", "0.03")
+    records = _fit(
+        tmp_path / "run", "--slow-rank", "3", "--slowdown", str(k), "--epochs", "2", "--step-seconds", "0.03"
+    )
     steps = [r["steps"] for r in records]
     # Nobody waits for the slow rank in an epoch: it takes clearly fewer steps (about k times fewer when the sleep
     # dominates a step; Lightning's own per-step overhead on a loaded machine narrows the ratio).
