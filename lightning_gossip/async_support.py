@@ -172,18 +172,21 @@ class StopFlag:
             self._seen.update(r for r in self.REASONS if store.check([f"{self.prefix}/{r}"]))
         return reason in self._seen
 
-    def rendezvous(self, name: str, rank: int, world_size: int, timeout: float, watch_sigterm: bool = True) -> bool:
+    def rendezvous(
+        self, name: str, rank: int, world_size: int, timeout: float, watch_sigterm: bool = True, vote: bool = False
+    ) -> Optional[list[bool]]:
         """Wait until every rank has arrived here, watching for SIGTERM while waiting (unlike a collective).
 
-        Returns whether every rank arrived. With ``watch_sigterm``, stops for SIGTERM (see :meth:`stop_for_sigterm`)
+        Returns every rank's ``vote`` (the same list on every rank: each vote is written before its rank arrives),
+        or None if not every rank arrived. With ``watch_sigterm``, stops for SIGTERM (see :meth:`stop_for_sigterm`)
         if any rank raised it, and raises a :class:`GossipPeerError` naming the ranks that did not arrive within
-        ``timeout`` seconds; without, gives up after ``timeout`` and returns False.
+        ``timeout`` seconds; without, gives up after ``timeout`` and returns None.
         """
         from lightning_gossip.gossip.errors import GossipPeerError
 
         store = self._store()
         key = f"{self.prefix}/rendezvous/{name}"
-        store.set(f"{key}/{rank}", "1")
+        store.set(f"{key}/{rank}", "1" if vote else "0")
         arrived = store.add(f"{key}/count", 1)
         deadline = time.monotonic() + timeout
         while arrived < world_size:
@@ -191,7 +194,7 @@ class StopFlag:
                 self.stop_for_sigterm(rank, world_size, timeout)
             if time.monotonic() > deadline:
                 if not watch_sigterm:
-                    return False
+                    return None
                 missing = [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
                 raise GossipPeerError(
                     f"Rank {rank}: rank(s) {missing} did not reach the end of the training epoch ({name}) within "
@@ -202,7 +205,7 @@ class StopFlag:
                 )
             time.sleep(0.01)
             arrived = store.add(f"{key}/count", 0)
-        return True
+        return [store.get(f"{key}/{r}") == b"1" for r in range(world_size)]
 
     def stop_for_sigterm(self, rank: int, world_size: int, timeout: float) -> None:
         """Every rank stops sending and meets here before any exits, so no gossip send goes to a rank that is gone
@@ -232,8 +235,8 @@ class EpochBoundary(Callback):
 
     Placed first among the callbacks, it waits for every rank there (watching for SIGTERM) before anything global
     runs at the epoch's end (the monitor's consensus distance, validation, checkpoints), and decides identically on
-    every rank whether training stops here: every rank raises its own ``"stop"`` before arriving and reads the flag
-    after all have arrived.
+    every rank whether training stops here: every rank votes (has it seen ``"stop"``?) as it arrives, and all decide
+    from the same votes.
     """
 
     def __init__(self, strategy: Any, flag: StopFlag) -> None:
@@ -245,9 +248,13 @@ class EpochBoundary(Callback):
             return
         if _out_of_time(trainer):
             self.flag.raise_flag("stop")
-        timeout = _timeout_seconds(self.strategy)
-        self.flag.rendezvous(f"epoch{trainer.current_epoch}", trainer.global_rank, trainer.world_size, timeout)
-        if self.flag.raised("stop", force=True):
+        # Decided from the votes cast on arrival, not from the flag read afterwards: a fast rank may raise the flag
+        # after this rendezvous (in the next epoch), which must not make only some ranks stop here.
+        votes = self.flag.rendezvous(
+            f"epoch{trainer.current_epoch}", trainer.global_rank, trainer.world_size, _timeout_seconds(self.strategy),
+            vote=self.flag.raised("stop", force=True),
+        )
+        if votes is not None and any(votes):
             trainer.should_stop = True
 
 

@@ -39,7 +39,7 @@ class WorkSharingSampler(Sampler[int]):
         seed: must be the same on every rank.
         store: a ``torch.distributed.Store`` shared by all ranks (default: the default process group's store,
             looked up when iteration starts, so the sampler can be built before the process group exists).
-        world_size: the number of ranks, only for :meth:`estimated_length` (default: the process group's).
+        world_size, rank: this rank and the number of ranks (default: the default process group's).
         key_prefix: the store keys' prefix (several samplers in one run need different ones).
         stop: asked before each claim; when it returns True this rank's epoch ends early (every rank should see the
             same stop, e.g. a flag in the store, so that the epoch ends for all).
@@ -57,6 +57,7 @@ class WorkSharingSampler(Sampler[int]):
         seed: int = 0,
         store: Optional[dist.Store] = None,
         world_size: Optional[int] = None,
+        rank: Optional[int] = None,
         key_prefix: str = "lightning_gossip/work_sharing",
         stop: Optional[Callable[[], bool]] = None,
     ) -> None:
@@ -69,6 +70,7 @@ class WorkSharingSampler(Sampler[int]):
         self.seed = int(seed)
         self._store = store
         self._world_size = world_size
+        self._rank = rank
         self.key_prefix = key_prefix
         self.stop = stop
         self.epoch = 0
@@ -102,6 +104,22 @@ class WorkSharingSampler(Sampler[int]):
             self._store = dist.distributed_c10d._get_default_store()
         return self._store
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = self._rank if self._rank is not None else (dist.get_rank() if initialized else 0)
+        world_size = self._world_size if self._world_size is not None else (dist.get_world_size() if initialized else 1)
+        return rank, world_size
+
+    def effective_chunk_size(self, world_size: int) -> int:
+        """The chunk size this epoch: ``chunk_batches`` batches, fewer if the data cannot give every rank one chunk."""
+        per_rank = self.num_samples_total // world_size
+        if per_rank < self.batch_size:
+            raise ValueError(
+                f"Work sharing needs at least one batch per rank: {self.num_samples_total} samples cannot give each of "
+                f"{world_size} ranks a batch of {self.batch_size}. Use a smaller batch size or fewer ranks."
+            )
+        return min(self.chunk_size, per_rank // self.batch_size * self.batch_size)
+
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
         passes = self._passes.get(epoch, 0)
@@ -109,24 +127,28 @@ class WorkSharingSampler(Sampler[int]):
         key = f"{self.key_prefix}/epoch{epoch}/pass{passes}/next_chunk"
         order = self.permutation(epoch)
         store = self.store()
-        chunk = self.chunk_size
+        rank, world_size = self._rank_and_world_size()
+        chunk = self.effective_chunk_size(world_size)
         self.last_pass_samples = 0
-        while self.stop is None or not self.stop():
-            # add() returns the counter after the increment: the chunk this rank now owns, exclusively.
-            index = store.add(key, 1) - 1
+        # Chunk r is rank r's own: every rank trains at least once per epoch, so every rank reaches the epoch's end
+        # (a rank with no batch would never get there, and everything at an epoch's end needs every rank).
+        index = rank
+        while True:
             start = index * chunk
             if start >= self.num_samples_total:
                 return
             indices = order[start : start + chunk]
             self.last_pass_samples += len(indices)
             yield from indices
+            if self.stop is not None and self.stop():
+                return
+            # add() returns the counter after the increment: the chunk this rank now owns, exclusively.
+            index = world_size + store.add(key, 1) - 1
 
     # No __len__ on purpose: a rank's share depends on the ranks' speeds. A DataLoader over this sampler is then
     # unsized, which Lightning handles as it does an iterable dataset: the epoch ends when the data does (a length
     # would end every rank's epoch after that many batches, or never reach the validation at the epoch's end).
     def estimated_length(self) -> int:
         """The share of an equally fast rank, in samples (for progress reports; the true share varies)."""
-        world_size = self._world_size
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        _, world_size = self._rank_and_world_size()
         return math.ceil(self.num_samples_total / max(1, world_size))
