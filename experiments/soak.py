@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import sys
 import time
 import traceback
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,12 +139,6 @@ def worker(rank: int, world_size: int, port: int, cfg: dict, queue: Any) -> None
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def staleness_of_mode(mode: str) -> int:
     """``blocking`` -> 0, ``overlap`` -> 1, ``stale<K>`` -> K."""
     if mode in ("blocking", "overlap"):
@@ -157,7 +151,7 @@ def staleness_of_mode(mode: str) -> int:
 def run_mode(world_size: int, cfg: dict, deadline_s: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
+    port = get_free_port()
     procs = [ctx.Process(target=worker, args=(r, world_size, port, cfg, queue)) for r in range(world_size)]
     results: dict[int, Any] = {}
     try:

@@ -1,10 +1,11 @@
 """lightning-gossip: GoSGD gossip training as a PyTorch Lightning strategy.
 
 Importing the package registers the strategy names ``"gossip"``, ``"gossip_spawn"`` and ``"gossip_fork"`` in
-Lightning's strategy registry, so ``Trainer(strategy="gossip")`` works. It does not import Lightning itself: the names
-are registered as soon as Lightning is imported (see :mod:`lightning_gossip._registration`), and the Lightning classes
-below are imported when first used, so ``import lightning_gossip.gossip`` (the plain-torch algorithm) stays free of
-Lightning.
+Lightning's strategy registries, so ``Trainer(strategy="gossip")`` and ``Fabric(strategy="gossip")`` work (also with the
+standalone ``pytorch_lightning`` / ``lightning_fabric`` packages: :mod:`lightning_gossip.standalone`). It does not
+import Lightning itself: the names are registered as soon as Lightning is imported (see
+:mod:`lightning_gossip._registration`), and the Lightning classes below are imported when first used, so
+``import lightning_gossip.gossip`` (the plain-torch algorithm) stays free of Lightning.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lightning_gossip.gossip import (
 
 if TYPE_CHECKING:
     from lightning_gossip.callbacks import GossipMonitor
+    from lightning_gossip.fabric import GossipFabricStrategy
     from lightning_gossip.strategy import GossipStrategy
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 _LIGHTNING_NAMES = {
     "GossipStrategy": "lightning_gossip.strategy",
     "GossipMonitor": "lightning_gossip.callbacks",
+    "GossipFabricStrategy": "lightning_gossip.fabric",
 }
 
 
@@ -60,6 +63,7 @@ __all__ = [
     "Exponential",
     "GossipAverager",
     "GossipCounters",
+    "GossipFabricStrategy",
     "GossipMonitor",
     "GossipOptions",
     "GossipPeerError",

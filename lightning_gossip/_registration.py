@@ -40,6 +40,10 @@ def _import_registering_module(name: str) -> Registration:
 # package -> what to register once it is fully imported
 _REGISTRATIONS: dict[str, list[Registration]] = {
     "lightning.pytorch": [_import_registering_module("lightning_gossip.strategy")],
+    "lightning.fabric": [_import_registering_module("lightning_gossip.fabric")],
+    # the standalone packages (lightning_gossip.standalone renames the adapter modules for them)
+    "pytorch_lightning": [_import_registering_module("lightning_gossip.standalone.strategy")],
+    "lightning_fabric": [_import_registering_module("lightning_gossip.standalone.fabric")],
 }
 
 

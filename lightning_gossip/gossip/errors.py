@@ -1,4 +1,5 @@
-"""The errors gossip raises, and turning a lost peer into a clear error instead of a hang or an anonymous backend message.
+"""The errors gossip raises, and a lost peer turned into a clear error instead of a hang or an anonymous backend
+message.
 
 When a rank dies (SIGKILL, out of memory, a crash on another machine), gloo reports it to the ranks that talk to it
 as ``RuntimeError: ... Connection reset by peer`` / ``Connection closed by peer``, and a rank that hangs as

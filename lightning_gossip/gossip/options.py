@@ -78,8 +78,9 @@ class GossipOptions:
         resolved["overlap"] = resolved["staleness"] > 0
         if resolved["asynchronous"] and resolved["staleness"] > 0:
             raise ValueError(
-                f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got overlap={self.overlap!r}, "
-                f"staleness={self.staleness!r}) have no meaning there: leave them unset, or use the lock-step mode."
+                f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
+                f"overlap={self.overlap!r}, staleness={self.staleness!r}) have no meaning there: leave them unset, or "
+                "use the lock-step mode."
             )
         for name, value in resolved.items():
             object.__setattr__(self, name, value)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from experiments.benchmark import netns, report
 from experiments.benchmark.configs import full_mode, quick_mode
+from tests.helpers.processes import run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOP_KEYS = {"schema", "mode", "machine", "settings", "scenarios", "rows", "ratios", "targets"}
@@ -27,8 +27,8 @@ ROW_KEYS = {
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark")
     cmd = [sys.executable, "-m", "experiments.benchmark", "--smoke", "--network", "loopback", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run = run_command(cmd, 280, cwd=REPO)
+    assert run.returncode == 0 and not run.survivors, run.output[-8000:]
     with open(out / "results.json") as f:
         return json.load(f), out
 

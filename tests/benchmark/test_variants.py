@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def _model(seed: int) -> nn.Module:

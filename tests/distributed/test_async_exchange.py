@@ -18,7 +18,7 @@ from lightning_gossip.gossip import GossipPeerError
 from lightning_gossip.gossip.async_exchange import AsyncGossipExchange
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 from lightning_gossip.gossip.topology import TOPOLOGIES
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def _tiny_model() -> nn.Module:
@@ -230,12 +230,13 @@ def _run_tolerating_lost_rank(fn, world_size, *args):
     """run_distributed for a test where rank 1 is lost: results of the other ranks; every process ends."""
     import torch.multiprocessing as mp
 
-    from tests import dist_utils
+    from tests.helpers import distributed as dist_utils
 
     ctx = mp.get_context(dist_utils.START_METHOD)
     queue = ctx.SimpleQueue()
     context = mp.start_processes(
-        dist_utils._worker, args=(world_size, dist_utils.free_port(), fn, args, queue), nprocs=world_size,
+        dist_utils._worker, args=(world_size, dist_utils.free_port(), dist_utils.PG_TIMEOUT, fn, args, queue),
+        nprocs=world_size,
         join=False, start_method=dist_utils.START_METHOD,
     )
     results = {}

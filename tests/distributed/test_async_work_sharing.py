@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gossip.gossip.work_sharing import WorkSharingSampler
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def _epochs(rank, world_size, n, batch_size, chunk_batches, epochs, max_sleep, slow_rank, num_workers):

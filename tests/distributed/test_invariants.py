@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
 from lightning_gossip.gossip.topology import TOPOLOGIES
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def _tiny_model() -> nn.Module:

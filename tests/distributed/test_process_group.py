@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 MEMBERS = [1, 2, 3]  # of a world of 4: rank 0 stays out
 

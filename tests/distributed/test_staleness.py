@@ -15,7 +15,7 @@ from torch import nn
 from lightning_gossip.gossip import GossipAverager
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.topology import resolve_topology
-from tests.dist_utils import run_distributed
+from tests.helpers.distributed import run_distributed
 
 P, SEED = 0.5, 7
 

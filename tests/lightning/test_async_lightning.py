@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import lightning_gossip
+from lightning_gossip.checkpoint_io import part_path
 from lightning_gossip.async_support import AsynchronousModeError
-from tests.dist_utils import free_port
+from tests.helpers.distributed import free_port
+from tests.helpers.processes import run_command, script_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "async_fit.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,20 +28,18 @@ N = 768
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    env.pop("LOCAL_RANK", None)
-    return env
+    return script_env(MASTER_PORT=str(free_port()))
 
 
-def _run(out: Path, *options: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(out: Path, *options: str, timeout: float = 600):
+    """The script in its own process group (nothing survives the test); returns the harness's Run."""
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(SCRIPT), str(out), *options]
-    return subprocess.run(args, cwd=out, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run_command([sys.executable, str(SCRIPT), str(out), *options], timeout, env=_env(), cwd=out)
 
 
-def _fit(out: Path, *options: str, timeout: float = 300) -> list[dict]:
-    proc = _run(out, *options, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def _fit(out: Path, *options: str, timeout: float = 600) -> list[dict]:
+    run = _run(out, *options, timeout=timeout)
+    assert run.returncode == 0 and not run.survivors, run.output[-9000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
 
@@ -65,7 +65,8 @@ def test_straggler_takes_fewer_steps_every_sample_once_identical_weights_and_exa
 
     # The checkpoint of epoch 0 was written at a quiescent point: a consistent cut, nothing in flight.
     ckpt = next((tmp_path / "run" / "ckpt").glob("epoch=0-*.ckpt"))
-    saved = torch.load(ckpt, weights_only=False)["gossip"]["ranks"]
+    gossip = torch.load(ckpt, weights_only=False)["gossip"]
+    saved = [torch.load(part_path(str(ckpt), gossip["parts"], r), weights_only=False) for r in range(4)]
     assert abs(sum(rank["gossip"]["weight"] for rank in saved) - 1.0) < 1e-12
     assert all(not rank["gossip"].get("in_flight") for rank in saved)
 
@@ -88,9 +89,8 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     args = [sys.executable, str(SCRIPT), str(out), "--epochs", "1000", "--step-seconds", "0.02"]
-    proc = subprocess.Popen(
-        args, cwd=out, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    log = open(out / "output.log", "w")  # noqa: SIM115 - closed with the process below
+    proc = subprocess.Popen(args, cwd=out, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not all((out / f"pid{r}").exists() for r in range(4)):
@@ -111,6 +111,7 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
 
 
 def test_max_time_stops_every_rank_at_the_same_epoch_end(tmp_path):
@@ -152,9 +153,9 @@ def test_settings_that_need_a_collective_per_step_are_refused_before_workers_sta
 
 
 def test_sync_dist_logging_on_step_is_refused_with_a_clear_error(tmp_path):
-    proc = _run(tmp_path, "--devices", "2", "--n", "64", "--step-seconds", "0", "--sync-dist-on-step", timeout=120)
-    assert proc.returncode != 0
-    assert "AsynchronousModeError" in proc.stderr and "sync_dist=False on step" in proc.stderr, proc.stderr[-3000:]
+    run = _run(tmp_path, "--devices", "2", "--n", "64", "--step-seconds", "0", "--sync-dist-on-step", timeout=300)
+    assert run.returncode != 0 and not run.survivors
+    assert "AsynchronousModeError" in run.output and "sync_dist=False on step" in run.output, run.output[-3000:]
 
 
 def test_registry_name_selects_the_asynchronous_mode():

@@ -6,24 +6,22 @@ do; each rank writes what it did, and the assertions read it back.
 
 import itertools
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist_utils import free_port
+from tests.helpers.distributed import free_port
+from tests.helpers.processes import run_command, script_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_and_record.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], out: Path, timeout: float = 240) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(args, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run = run_command(args, timeout, env=script_env(MASTER_PORT=str(free_port())), cwd=out)
+    assert run.returncode == 0 and not run.survivors, run.output[-9000:]
     ranks = sorted(out.glob("rank*.pt"))
     return [torch.load(path, weights_only=False) for path in ranks]
 
@@ -103,13 +101,12 @@ def test_torchrun_launch(tmp_path):
 
 
 def test_single_device_trains_and_warns(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
+    run = run_command(
         [sys.executable, str(SCRIPT), str(tmp_path), "--devices", "1", "--epochs", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        120, env=script_env(PYTHONWARNINGS="default"), cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "nothing is gossiped" in proc.stderr
+    assert run.returncode == 0, run.output[-3000:]
+    assert "nothing is gossiped" in run.output
     (record,) = [torch.load(p, weights_only=False) for p in tmp_path.glob("rank*.pt")]
     assert record["counters"]["bytes_sent"] == 0 and record["gossip_weight"] == 1.0
 

@@ -21,7 +21,7 @@ from torch import nn
 from lightning_gossip import GossipStrategy
 from lightning_gossip.gossip import GossipAverager
 from lightning_gossip.checkpoint_io import check_checkpoint_fits
-from tests.reliability.workers import run_forked
+from tests.helpers.distributed import run_distributed
 
 TOPOLOGY_NAMES = "['exponential', 'random', 'ring']"
 DTYPES = "['float32', 'bfloat16', 'float16']"
@@ -205,7 +205,7 @@ def _build_averager(rank: int, world_size: int, variant: str) -> str:
     ],
 )
 def test_models_that_differ_between_ranks(variant: str, world_size: int, expected: str) -> None:
-    messages = run_forked(_build_averager, world_size, variant, timeout=60)
+    messages = run_distributed(_build_averager, world_size, variant, timeout=60)
     for message in messages:  # every rank stops with the same error; none hangs
         assert message.startswith("Gossip needs the same model on every rank"), message
         assert expected in message, message

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager, GossipPeerError, NonFiniteGossipError
-from tests.reliability.workers import run_forked
+from tests.helpers.distributed import run_distributed
 
 # Imported here, not in the workers: forked workers inherit it instead of importing Lightning each.
 WORLD_SIZE = 3
@@ -61,7 +61,7 @@ def _poisoned_run(rank: int, world_size: int, value: float, overlap: bool, steps
 @pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 def test_nonfinite_worker_does_not_poison_the_others(value: float, overlap: bool) -> None:
-    results = run_forked(_poisoned_run, WORLD_SIZE, value, overlap, STEPS, timeout=90)
+    results = run_distributed(_poisoned_run, WORLD_SIZE, value, overlap, STEPS, timeout=90)
     sent_by_poisoned = results[0]["counters"]["messages_sent"]
     assert sent_by_poisoned > 5  # the test means something: rank 0 kept sending
     rejected = [r["counters"]["messages_rejected"] for r in results]
@@ -104,7 +104,7 @@ def _error_mode_run(rank: int, world_size: int, phase: str) -> tuple[str, str]:
 
 
 def test_on_nonfinite_error_raises_and_the_others_stop() -> None:
-    results = run_forked(_error_mode_run, WORLD_SIZE, "gossip", timeout=90, pg_timeout_s=20)
+    results = run_distributed(_error_mode_run, WORLD_SIZE, "gossip", timeout=90, pg_timeout_s=20)
     kind, text = results[1]
     assert kind == "NonFiniteGossipError", results
     assert "Rank 1 received a gossip message with NaN/Inf values from rank 0 at step 0" in text
@@ -114,7 +114,7 @@ def test_on_nonfinite_error_raises_and_the_others_stop() -> None:
 
 
 def test_on_nonfinite_error_in_the_consensus() -> None:
-    results = run_forked(_error_mode_run, WORLD_SIZE, "consensus", timeout=90)
+    results = run_distributed(_error_mode_run, WORLD_SIZE, "consensus", timeout=90)
     for kind, text in results:  # no gossip (p=0): the consensus finds rank 0 non-finite, on every rank alike
         assert kind == "FloatingPointError", text
         assert "rank(s) [0] hold NaN/Inf weights" in text

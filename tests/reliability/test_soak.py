@@ -6,11 +6,11 @@ The full run (10,000 steps) is ``python experiments/soak.py``; its figures are i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.processes import run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,15 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(1200)
 def test_short_soak(tmp_path: Path) -> None:
     args = ["--workers", "4", "--steps", "2000", "--warmup", "400", "--sample-every", "400", "--out", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "soak.py"), *args],
-        cwd=str(ROOT),
-        capture_output=True,
-        text=True,
-        timeout=1100,
-    )
+    run = run_script(ROOT / "experiments" / "soak.py", args, 1100)
     report = json.loads((tmp_path / "soak.json").read_text()) if (tmp_path / "soak.json").exists() else None
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert run.returncode == 0 and not run.survivors, run.output[-5000:]
     assert report is not None and report["passed"]
     for mode in ("blocking", "overlap", "stale8"):
         summary = report["modes"][mode]["summary"]

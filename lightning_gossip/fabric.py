@@ -1,0 +1,393 @@
+"""GossipFabricStrategy: GoSGD gossip for Lightning Fabric, so a hand-written Fabric loop trains without all-reduce.
+
+The Fabric counterpart of :class:`~lightning_gossip.strategy.GossipStrategy`: a subclass of Fabric's
+``DDPStrategy`` that keeps everything about processes (launchers, cluster environments, process groups, distributed
+samplers, collectives) and never wraps the model in ``DistributedDataParallel``. The options are the same
+:class:`~lightning_gossip.gossip.GossipOptions` and the algorithm is the same
+:class:`~lightning_gossip.gossip.GossipAverager`; this module only connects them to Fabric's seams:
+
+- ``fabric.setup(model, optimizer)`` -> :meth:`setup_module` builds the averager (rank 0's weights broadcast,
+  a_i = 1/M);
+- ``optimizer.step()`` -> :meth:`optimizer_step`: the optimizer step, then the gossip step;
+- ``fabric.save`` / ``fabric.load`` -> :meth:`save_checkpoint` / :meth:`load_checkpoint`: the saved model entry is the
+  consensus (loadable without gossip); every rank's own weights, optimizer state and gossip state ride along, so a
+  resume with the same number of processes is exact.
+
+This module imports only ``lightning.fabric`` (it is imported when Fabric is, to register the strategy names).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
+from lightning_gossip.gossip.averager import ExchangeFactory
+from lightning_gossip.gossip.errors import collective_guard
+from lightning_gossip.gossip.topology import TopologyLike, validate_topology
+
+CHECKPOINT_KEY = "gossip"
+
+
+class _NothingToSkip:
+    """Fabric's ``no_backward_sync`` seam: gossip has no gradient all-reduce, so gradient accumulation needs no
+    synchronisation skipped (Fabric would otherwise warn that the strategy cannot skip it)."""
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool) -> AbstractContextManager:
+        return nullcontext()
+
+
+class GossipFabricStrategy(DDPStrategy):
+    """Decentralized data-parallel training with GoSGD (sum-weight gossip) for Lightning Fabric.
+
+    Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
+    ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
+    ``final_consensus``, ``on_nonfinite``, ``asynchronous``; see the README's option table), checked once by
+    :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
+    (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
+    per-step SIGTERM broadcast.
+
+    In the loop: ``optimizer.step()`` runs the gossip step, so every rank must take the same number of optimizer
+    steps (``fabric.setup_dataloaders`` gives each rank an equal-length shard). One model is gossiped, with one
+    optimizer. After the loop call :meth:`end` (steps compared, messages home, the exact consensus on every rank if
+    ``final_consensus``), or :meth:`consensus_` whenever every rank should hold the exact average. Evaluate inside
+    ``with fabric.strategy.evaluating():`` to see the model ``eval_mode`` names (the consensus by default).
+    """
+
+    strategy_name = "gossip"
+    #: as :attr:`GossipStrategy.exchange_factory`: ``None`` picks the library's exchange.
+    exchange_factory: Optional[ExchangeFactory] = None
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        topology: TopologyLike = "random",
+        seed: Optional[int] = None,
+        mix_buffers: bool = True,
+        overlap: bool = False,
+        staleness: Optional[int] = None,
+        average_every: Optional[int] = None,
+        transfer_dtype: Optional[str] = None,
+        eval_mode: Literal["consensus", "local"] = "consensus",
+        final_consensus: bool = True,
+        on_nonfinite: Literal["warn", "error"] = "warn",
+        asynchronous: bool = False,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        # Every option is checked here, once (the same checks as the Trainer strategy), before any process starts.
+        self.options = GossipOptions(
+            p=p,
+            topology=topology,
+            seed=seed,
+            mix_buffers=mix_buffers,
+            overlap=overlap,
+            staleness=staleness,
+            average_every=average_every,
+            transfer_dtype=transfer_dtype,
+            on_nonfinite=on_nonfinite,
+            eval_mode=eval_mode,
+            final_consensus=final_consensus,
+            asynchronous=asynchronous,
+        )
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
+            raise TypeError(
+                f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {timeout!r}."
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self._backward_sync_control = _NothingToSkip()
+        self.averager: Optional[GossipAverager] = None
+        self._optimizers: list[Optimizer] = []
+
+    # -- read-outs ------------------------------------------------------------------------------------------------
+    @property
+    def gossip_weight(self) -> float:
+        """This rank's gossip weight a_i (float64). Over all ranks (and messages in flight) they sum to 1."""
+        return self.averager.weight if self.averager is not None else 1.0 / max(1, self.world_size)
+
+    @property
+    def counters(self) -> GossipCounters:
+        """Messages and bytes this rank sent and received, rejected messages, gossip steps taken."""
+        return self.averager.counters if self.averager is not None else GossipCounters()
+
+    @property
+    def gossip_step(self) -> int:
+        """The schedule position: how many gossip steps (optimizer steps) this rank has taken."""
+        return self.averager.step_count if self.averager is not None else 0
+
+    # -- launching and setup --------------------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        # The world size is known here, before any process is started: reject a topology that cannot work now.
+        validate_topology(self.options.topology, self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.world_size == 1:
+            rank_zero_warn(
+                "GossipFabricStrategy runs with a single process (world size 1): nothing is gossiped. Use devices>1 "
+                "or num_nodes>1 to gossip."
+            )
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """No ``DistributedDataParallel`` (that is where DDP's gradient all-reduce lives): set up the averager.
+
+        A collective: every rank broadcasts/receives rank 0's initial weights and checks that the models match.
+        """
+        if self.averager is not None:
+            if module is self.averager.module:
+                return module
+            raise RuntimeError(
+                "GossipFabricStrategy gossips one model, and one was set up already "
+                f"({type(self.averager.module).__name__}); set up the model to train once with fabric.setup(model, "
+                "optimizer)."
+            )
+        seed = self.options.schedule_seed(fallback=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        self.averager = GossipAverager(module, self.options.replace(seed=seed), exchange=self.exchange_factory)
+        return module
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        if self._optimizers and optimizer is not self._optimizers[0]:
+            raise RuntimeError(
+                "GossipFabricStrategy takes one gossip step per optimizer.step(), so it needs exactly one optimizer "
+                "(parameter groups can give parts of the model their own settings)."
+            )
+        self._optimizers = [optimizer]
+        return optimizer
+
+    # -- training -------------------------------------------------------------------------------------------------
+    @override
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, **kwargs)
+        if self.averager is not None:
+            self.averager.step()
+        return output
+
+    def consensus_(self) -> float:
+        """Put the exact weighted average on every rank (a_i = 1/M); returns the consensus distance it removed.
+
+        A collective: every rank must call it.
+        """
+        return self._require_averager("consensus_()").consensus_()
+
+    def consensus_distance(self) -> float:
+        """(1/M) sum_i ||x_i - x_bar||^2 over all ranks (a collective)."""
+        return self._require_averager("consensus_distance()").consensus_distance()
+
+    def consensus_swapped_in(self) -> AbstractContextManager:
+        """Hold the exact consensus temporarily (to evaluate or save it), then this rank's own weights again."""
+        return self._require_averager("consensus_swapped_in()").consensus_swapped_in()
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluate the model ``eval_mode`` names: the exact consensus (``"consensus"``) or this rank's own
+        (``"local"``). A collective in consensus mode: every rank must enter it."""
+        if self.options.eval_mode == "consensus" and self.averager is not None and self.world_size > 1:
+            with self.averager.consensus_swapped_in():
+                yield
+        else:
+            yield
+
+    def end(self, consensus: Optional[bool] = None) -> None:
+        """After the loop: check that every rank took as many steps, bring every message home, put the exact
+        consensus on every rank (``consensus``, default ``final_consensus``) and release message buffers.
+
+        A collective: every rank must call it.
+        """
+        self._require_averager("end()").end(consensus)
+
+    def _require_averager(self, what: str) -> GossipAverager:
+        if self.averager is None:
+            raise RuntimeError(f"fabric.strategy.{what} needs the model set up first: model, optimizer = "
+                               "fabric.setup(model, optimizer).")
+        return self.averager
+
+    def _gossiping(self) -> bool:
+        return self.averager is not None and self.world_size > 1 and dist.is_initialized()
+
+    def _is_gossiped(self, obj: Any) -> bool:
+        if self.averager is None or not isinstance(obj, nn.Module):
+            return False
+        if obj is self.averager.module:
+            return True
+        mine = next(iter(self.averager.module.parameters()), None)
+        return mine is not None and any(p is mine for p in obj.parameters())
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def checkpoint_io(self) -> CheckpointIO:
+        """The user's (or Fabric's default) ``CheckpointIO``, wrapped so local files are written atomically."""
+        from lightning_gossip.checkpoint_io import AtomicCheckpointIO  # imports Lightning's trainer side: lazily
+
+        io = DDPStrategy.checkpoint_io.fget(self)  # type: ignore[attr-defined]
+        if not isinstance(io, AtomicCheckpointIO):
+            io = self._checkpoint_io = AtomicCheckpointIO(io)
+        return io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
+
+    @override
+    def save_checkpoint(
+        self,
+        path: Any,
+        state: dict[str, Union[nn.Module, Optimizer, Any]],
+        storage_options: Optional[Any] = None,
+        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None,
+    ) -> None:
+        """Save the consensus under the model's key, and every rank's own state under ``"gossip"``.
+
+        The model's entry is the exact weighted average of all ranks (messages in flight counted), so the file
+        loads into a plain model without gossip. ``checkpoint["gossip"]`` holds, for every rank, its own model and
+        optimizer entries and its gossip state (weight, schedule position, messages in flight), gathered on rank 0,
+        which writes the file. A collective: every rank must call it (``fabric.save`` does).
+        """
+        if not self._gossiping():
+            super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+            return
+        assert self.averager is not None
+        if CHECKPOINT_KEY in state:
+            raise ValueError(f"GossipFabricStrategy stores every rank's state under {CHECKPOINT_KEY!r} in the "
+                             "checkpoint; use another key for your own entry.")
+        filter = filter or {}
+        mine: dict[str, Any] = {CHECKPOINT_KEY: self.averager.state_dict()}
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module):
+                keep = filter.get(key, lambda name, value: True)
+                mine[key] = {k: v.detach().cpu().clone() for k, v in obj.state_dict().items() if keep(k, v)}
+            elif isinstance(obj, Optimizer):
+                mine[key] = self.get_optimizer_state(obj)
+        everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
+        with collective_guard("the gather of every rank's state for a checkpoint"):
+            dist.gather_object(mine, everyone, dst=0)
+        if self.is_global_zero:
+            state = {**state, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
+        # The model's entry: the consensus, in place while Fabric turns the model into its state dict and rank 0
+        # writes the file; then every rank's own weights come back.
+        with self.averager.consensus_swapped_in():
+            super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: Any,
+        state: Optional[Union[nn.Module, Optimizer, dict[str, Union[nn.Module, Optimizer, Any]]]] = None,
+        strict: bool = True,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        """Resume every rank's own model, optimizer state and gossip state; onto another number of processes, the
+        consensus model.
+
+        Same number of processes M: rank i gets back its own weights, optimizer state, gossip weight, schedule
+        position, counters and messages in flight, so training goes on exactly as if it had not stopped. A different
+        number M': every rank starts from the checkpoint's consensus model with the old rank 0's optimizer state,
+        gossip weight 1/M', and the schedule going on from the saved step (a warning says so). Without a set-up
+        model (or ``state`` not a dict) this is Fabric's plain loading: the model entry is the consensus.
+        """
+        if not isinstance(state, dict) or not state or self.averager is None:
+            return super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        gossip = checkpoint.pop(CHECKPOINT_KEY, None)
+        resume: Optional[dict[str, Any]] = None
+        if gossip is not None and gossip["world_size"] == self.world_size:
+            mine = gossip["ranks"][self.global_rank]
+            resume = mine[CHECKPOINT_KEY]
+            checkpoint.update({key: value for key, value in mine.items() if key != CHECKPOINT_KEY})
+        elif gossip is not None:
+            step = int(gossip["ranks"][0][CHECKPOINT_KEY]["step"])
+            rank_zero_warn(
+                f"Resuming a gossip checkpoint written by {gossip['world_size']} processes with {self.world_size}: "
+                "per-rank states cannot be mapped onto a different number of processes, so every rank starts from the "
+                f"checkpoint's consensus model with gossip weight 1/{self.world_size} and the optimizer state of the "
+                f"old rank 0; the gossip schedule goes on from step {step}."
+            )
+        missing = [key for key in state if key not in checkpoint]
+        if strict and missing:
+            raise KeyError(
+                f"The requested state contains keys {missing} that are not in the checkpoint {path!s} "
+                f"(it has {sorted(checkpoint)}); pass strict=False to skip them."
+            )
+        from lightning_gossip.checkpoint_io import check_checkpoint_fits
+
+        for key, obj in list(state.items()):
+            if key not in checkpoint:
+                continue
+            if isinstance(obj, nn.Module):
+                check_checkpoint_fits(obj, checkpoint[key], strict)
+                self.load_module_state_dict(obj, checkpoint.pop(key), strict=strict)
+            elif hasattr(obj, "load_state_dict") and hasattr(obj, "state_dict"):
+                obj.load_state_dict(checkpoint.pop(key))
+            else:
+                state[key] = checkpoint.pop(key)
+        if resume is not None:
+            self.averager.load_state_dict(resume)
+        elif gossip is not None:
+            self.averager.state.weight = 1.0 / self.world_size
+            self.averager.continue_schedule_at(int(gossip["ranks"][0][CHECKPOINT_KEY]["step"]))
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        if self.averager is not None:
+            self.averager.exchange.close()
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        entries = [("gossip", "popen", {}), ("gossip_spawn", "spawn", {}), ("gossip_fork", "fork", {})]
+        if _asynchronous_mode_exists():
+            entries.append(("gossip_async", "popen", {"asynchronous": True}))
+        for name, start_method, extra in entries:
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"GoSGD gossip strategy for Fabric with `start_method` '{start_method}'"
+                + (" (asynchronous)" if extra else ""),
+                start_method=start_method,
+                **extra,
+            )
+
+
+def _asynchronous_mode_exists() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lightning_gossip.gossip.async_exchange") is not None
+
+
+# Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.
+if "gossip" not in STRATEGY_REGISTRY:
+    GossipFabricStrategy.register_strategies(STRATEGY_REGISTRY)

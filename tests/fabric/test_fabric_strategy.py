@@ -1,0 +1,100 @@
+"""GossipFabricStrategy with real processes: a user's Fabric loop (tests/fabric/scripts/fabric_loop.py) on
+``Fabric(accelerator="cpu", devices=3, strategy=...)``: each rank its own shard, ranks' weights differ mid-training,
+identical after ``fabric.strategy.consensus_()``; ``fabric.save`` writes the consensus as the model entry (loadable
+without gossip) and every rank's own state; ``fabric.load`` resumes every rank exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_gossip.gossip import GossipOptions
+from tests.fabric.scripts.fabric_loop import N, model_factory
+from tests.helpers.processes import run_script
+
+SCRIPT = Path(__file__).parent / "scripts" / "fabric_loop.py"
+RANKS = 3
+STEPS = N // RANKS // 4
+
+
+def run_loop(out: Path, *args: str) -> list[dict]:
+    run = run_script(SCRIPT, [str(out), *args], timeout=300, cwd=out)
+    assert run.returncode == 0, run.output[-6000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
+    phase = args[args.index("--phase") + 1]
+    return [torch.load(out / f"{phase}_rank{r}.pt", weights_only=False) for r in range(RANKS)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The user's loop with the registered name and default options: 2 epochs, a save after the first."""
+    out = tmp_path_factory.mktemp("fabric")
+    return out, run_loop(out, "--phase", "straight", "--strategy", "gossip")
+
+
+def test_ranks_differ_mid_training_and_agree_after_consensus(straight):
+    _, ranks = straight
+    for record in ranks:
+        assert record["strategy"] == "lightning_gossip.fabric.GossipFabricStrategy"
+        assert len(record["epoch1_seen"]) == N // RANKS
+    assert sum(r["counters"]["messages_sent"] for r in ranks) == sum(r["counters"]["messages_received"] for r in ranks)
+    assert sum(r["counters"]["messages_sent"] for r in ranks) >= 5
+    # each rank its own shard: together every sample once per epoch
+    assert sorted(sum((r["epoch1_seen"] for r in ranks), [])) == list(range(N))
+    mid = ranks[0]["mid_all_ranks"]
+    assert mid.shape[0] == RANKS
+    assert all(not torch.equal(mid[i], mid[j]) for i in range(RANKS) for j in range(i + 1, RANKS))
+    after = ranks[0]["after_consensus_all_ranks"]
+    assert all(torch.equal(after[0], after[i]) for i in range(RANKS))
+    assert ranks[0]["distance_removed"] > 0
+
+
+def test_save_load_round_trip_resumes_every_rank_exactly(straight):
+    out, ranks = straight
+    resumed = run_loop(out, "--phase", "resume", "--strategy", "gossip")
+    for r in range(RANKS):
+        s, m = ranks[r], resumed[r]
+        assert torch.equal(m["own_after_load"], s["own_at_save"]), f"rank {r} did not get its own weights back"
+        assert m["gossip_step_after_load"] == s["gossip_step_at_save"] == STEPS
+        assert m["loaded_epoch"] == 1 and m["remainder_keys"] == []
+        # weights, momentum, gossip weight, schedule position and counters all came back: the resumed epoch is the
+        # straight run's epoch, bit for bit, step by step
+        assert torch.equal(m["epoch2_steps"], s["epoch2_steps"]), f"rank {r} did not resume exactly"
+
+    # the file: the model entry is the consensus at the save, loadable into a plain model without gossip
+    checkpoint = torch.load(out / "gossip.ckpt", weights_only=False)
+    plain = model_factory()
+    plain.load_state_dict(checkpoint["model"])
+    consensus = torch.cat([t.flatten() for t in plain.state_dict().values() if t.is_floating_point()])
+    torch.testing.assert_close(consensus, ranks[0]["consensus_at_save"], rtol=0, atol=1e-6)
+    assert checkpoint["epoch"] == 1
+    gossip = checkpoint["gossip"]
+    assert gossip["world_size"] == RANKS and len(gossip["ranks"]) == RANKS
+    weights = [entry["gossip"]["weight"] for entry in gossip["ranks"]]
+    assert abs(sum(weights) - 1.0) < 1e-12, weights  # blocking exchange: no weight in flight at a save
+    assert sorted(gossip["ranks"][0]) == ["gossip", "model", "optimizer"]
+
+
+def test_options_are_the_shared_gossip_options_checked_once():
+    import lightning_gossip
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    strategy = lightning_gossip.GossipFabricStrategy(p=0.3, topology="ring", staleness=2, transfer_dtype="bfloat16")
+    expected = GossipOptions(p=0.3, topology="ring", staleness=2, transfer_dtype="bfloat16")
+    assert type(strategy.options.topology) is type(expected.topology)
+    def fields(options: GossipOptions) -> dict:
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "topology"}
+
+    assert fields(strategy.options) == fields(expected)
+    assert strategy.options.staleness == 2 and strategy.options.transfer_dtype is torch.bfloat16
+    with pytest.raises(ValueError, match="probability p must be"):
+        lightning_gossip.GossipFabricStrategy(p=1.5)
+    with pytest.raises(ValueError, match="staleness"):
+        lightning_gossip.GossipFabricStrategy(staleness=-1)
+    for name, start_method in (("gossip", "popen"), ("gossip_spawn", "spawn"), ("gossip_fork", "fork")):
+        entry = STRATEGY_REGISTRY[name]
+        assert entry["strategy"] is lightning_gossip.GossipFabricStrategy
+        assert entry["init_params"]["start_method"] == start_method

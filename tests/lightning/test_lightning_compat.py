@@ -1,0 +1,202 @@
+"""Every private Lightning name lightning_gossip relies on (they are imported in lightning_gossip/_lightning_compat.py),
+checked so that a Lightning release that removes or changes one fails here, loudly, instead of a feature turning
+itself off. CI runs this file on the newest Lightning and on the lowest that pyproject.toml allows.
+
+- Private imports: the package's source is scanned for ``from lightning... import _name``; each name found must have
+  an entry in ``EXPECTED`` below (a new private import without a check fails the scan; an entry no longer imported
+  fails too), and each entry checks that the name exists with the shape the code uses (signature, attributes,
+  behaviour).
+- Overrides: every method the adapter classes mark ``@override`` must exist in a Lightning base class (a renamed
+  Lightning hook would otherwise never be called).
+- Private attributes read at run time (``DDPStrategy._launcher``, ``._start_method``, ``._checkpoint_io`` ...).
+- The SIGTERM throttle: where Lightning runs a per-step SIGTERM broadcast, a real 2-process fit shows the strategy
+  throttles it (run every ``sigterm_sync_every`` steps, not every step); where Lightning has none (< 2.5), there is
+  nothing to throttle and the loop is left alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.helpers.processes import run_script
+
+pytestmark = pytest.mark.lightning_compat
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "lightning_gossip"
+
+
+def has_params(function: Callable, *names: str) -> None:
+    params = inspect.signature(function).parameters
+    missing = [n for n in names if n not in params]
+    assert not missing, f"{function.__qualname__}{inspect.signature(function)} lacks parameters {missing}"
+
+
+def check_child_observer(observer: Any) -> None:
+    assert issubclass(observer, threading.Thread)
+    has_params(observer.__init__, "main_pid", "child_processes")
+    assert "_run" in vars(observer) and "self._run()" in inspect.getsource(observer.run)
+    assert "self._child_processes" in inspect.getsource(observer.__init__)
+
+
+def check_is_local_file_protocol(function: Any) -> None:
+    assert function("/tmp/x.ckpt") is True and function("s3://bucket/x.ckpt") is False
+
+
+def check_multiprocessing_launcher(launcher: Any) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    has_params(launcher.__init__, "strategy", "start_method")
+    has_params(launcher.launch, "function", "args", "trainer", "kwargs")
+    has_params(launcher._collect_rank_zero_results, "trainer", "results")
+    strategy = DDPStrategy(start_method="spawn")
+    assert launcher(strategy, start_method="spawn")._strategy is strategy
+
+
+def check_subprocess_launcher(launcher: Any) -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    has_params(launcher.launch, "function", "args", "trainer", "kwargs")
+    has_params(launcher.kill, "signum")
+    assert callable(launcher._call_children_scripts)
+    instance = launcher(LightningEnvironment(), 2, 1)
+    assert instance.procs == [] and instance.num_processes == 2 and instance.num_nodes == 1
+    assert isinstance(instance.cluster_environment, LightningEnvironment)
+
+
+def check_sigkill_signal(function: Any) -> None:
+    assert function() == getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+def check_training_epoch_loop(loop: Any) -> None:
+    from lightning.pytorch import Trainer
+
+    from lightning_gossip._lightning_compat import LIGHTNING_BROADCASTS_SIGTERM, SIGTERM_BROADCAST_METHOD
+
+    assert isinstance(Trainer(logger=False).fit_loop.epoch_loop, loop)
+    has_method = hasattr(loop, SIGTERM_BROADCAST_METHOD)
+    if LIGHTNING_BROADCASTS_SIGTERM:
+        assert has_method, f"Lightning >= 2.6 is expected to have {loop.__name__}.{SIGTERM_BROADCAST_METHOD}"
+    if has_method:
+        assert f"self.{SIGTERM_BROADCAST_METHOD}()" in inspect.getsource(loop.advance), \
+            f"{loop.__name__}.advance no longer calls {SIGTERM_BROADCAST_METHOD}: the throttle would replace nothing"
+
+
+# (module, private name) -> the check of the shape the code relies on
+EXPECTED: dict[tuple[str, str], Callable[[Any], None]] = {
+    ("lightning.fabric.strategies.launchers.subprocess_script", "_ChildProcessObserver"): check_child_observer,
+    ("lightning.fabric.utilities.cloud_io", "_is_local_file_protocol"): check_is_local_file_protocol,
+    ("lightning.pytorch.loops.training_epoch_loop", "_TrainingEpochLoop"): check_training_epoch_loop,
+    ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"): check_multiprocessing_launcher,
+    ("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher"): check_subprocess_launcher,
+    ("lightning.pytorch.trainer.connectors.signal_connector", "_get_sigkill_signal"): check_sigkill_signal,
+}
+
+
+def private_lightning_imports() -> set[tuple[str, str]]:
+    """``from lightning[.x] import _name`` anywhere in the package (its standalone renaming aside)."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        if "standalone" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lightning":
+                found |= {(node.module, a.name) for a in node.names if a.name.startswith("_")}
+    return found
+
+
+def test_every_private_import_has_a_check():
+    found = private_lightning_imports()
+    unchecked = found - set(EXPECTED)
+    assert not unchecked, f"private Lightning names imported without a check in EXPECTED: {sorted(unchecked)}"
+    assert found, "the scan found no private import at all: is it still looking in the right place?"
+    unused = set(EXPECTED) - found
+    assert not unused, f"checked in EXPECTED but no longer imported by the package (remove them): {sorted(unused)}"
+
+
+@pytest.mark.parametrize("module, name", sorted(EXPECTED), ids=lambda v: v)
+def test_private_name_has_the_shape_the_code_uses(module, name):
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        pytest.fail(f"Lightning no longer has {module}.{name}, which lightning_gossip relies on: {error}")
+    EXPECTED[(module, name)](obj)
+
+
+def _adapter_classes() -> list[type]:
+    modules = []
+    for name in ("strategy", "callbacks", "launchers", "checkpoint_io", "fabric", "_lightning_compat"):
+        if (PACKAGE / f"{name}.py").exists():
+            modules.append(importlib.import_module(f"lightning_gossip.{name}"))
+    return [cls for module in modules for cls in vars(module).values()
+            if inspect.isclass(cls) and cls.__module__ == module.__name__]
+
+
+def test_every_override_overrides_something():
+    checked = 0
+    for cls in _adapter_classes():
+        for attr, value in vars(cls).items():
+            function = getattr(value, "__func__", None) or getattr(value, "fget", None) or value
+            if not getattr(function, "__override__", False):
+                continue
+            checked += 1
+            bases = [base for base in cls.__mro__[1:] if attr in vars(base)]
+            assert bases, f"{cls.__qualname__}.{attr} is marked @override but no base class has {attr!r}: " \
+                          "Lightning renamed or removed it, so it would never be called"
+    assert checked >= 10
+
+
+def test_private_attributes_read_at_run_time():
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    strategy = DDPStrategy(start_method="spawn")
+    assert strategy._start_method == "spawn"
+    assert "_launcher" in vars(strategy) and "_checkpoint_io" in vars(strategy)
+    # GossipStrategy wraps DDPStrategy.checkpoint_io's getter and sets _checkpoint_io
+    assert "self._checkpoint_io" in inspect.getsource(DDPStrategy.checkpoint_io.fget)
+    # GossipStrategy overrides _configure_launcher: Lightning must still call it
+    assert "strategy._configure_launcher()" in inspect.getsource(accelerator_connector)
+    # GossipFabricStrategy sets Fabric's _backward_sync_control (no gradient sync to skip) and _checkpoint_io
+    from lightning.fabric import fabric as fabric_module
+    from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
+
+    fabric_ddp = FabricDDPStrategy()
+    assert "_backward_sync_control" in vars(fabric_ddp) and "_checkpoint_io" in vars(fabric_ddp)
+    assert "self._strategy._backward_sync_control.no_backward_sync(" in inspect.getsource(fabric_module)
+    assert "self._checkpoint_io" in inspect.getsource(FabricDDPStrategy.checkpoint_io.fget)
+    # lightning_gossip.app.data reads whether Lightning adds its DistributedSampler
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=False, logger=False)
+    assert trainer._accelerator_connector.use_distributed_sampler is False
+
+
+def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_path):
+    from lightning.pytorch.loops import training_epoch_loop
+
+    per_step_broadcast = "broadcast(" in inspect.getsource(training_epoch_loop)
+    script = REPO / "tests" / "compat" / "scripts" / "sigterm_fit.py"
+    run = run_script(script, [str(tmp_path)], timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.output[-6000:]
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["steps"] == 10
+        if per_step_broadcast:
+            assert record["loop_has_method"], "Lightning broadcasts SIGTERM per step under a new name: " \
+                                              "the throttle no longer finds _broadcast_sigterm_tensor"
+            assert record["replaced_on_instance"]
+            # steps 0, 3, 6, 9 of 10, not all 10
+            assert record["sigterm_broadcasts"] == 4, record
+        else:
+            assert not record["loop_has_method"] and not record["replaced_on_instance"]
+            assert record["sigterm_broadcasts"] == 0
