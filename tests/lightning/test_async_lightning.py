@@ -47,12 +47,12 @@ def _fit(out: Path, *options: str, timeout: float = 600) -> list[dict]:
 def test_straggler_takes_fewer_steps_every_sample_once_identical_weights_and_exact_resume(tmp_path):
     k = 4
     records = _fit(
-        tmp_path / "run", "--slow-rank", "3", "--slowdown", str(k), "--epochs", "2", "--step-seconds", "0.03"
+        tmp_path / "run", "--slow-rank", "3", "--slowdown", str(k), "--epochs", "2", "--step-seconds", "0.06"
     )
     steps = [r["steps"] for r in records]
     # Nobody waits for the slow rank in an epoch: it takes clearly fewer steps (about k times fewer when the sleep
     # dominates a step; Lightning's own per-step overhead on a loaded machine narrows the ratio).
-    assert steps[3] < 0.6 * min(steps[:3]), steps
+    assert steps[3] < 0.7 * min(steps[:3]), steps  # lock-step would give every rank the same count
     for epoch in (0, 1):
         everything = sorted(i for r in records for i in r["seen"][epoch])
         assert everything == list(range(N)), epoch  # every sample exactly once over all ranks
