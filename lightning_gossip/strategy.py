@@ -520,6 +520,10 @@ class GossipStrategy(DDPStrategy):
             if swapped:
                 self._enter_consensus()
         path = os.fspath(filepath)
+        if self.options.asynchronous:
+            # ModelCheckpoint names the file after each rank's own global_step, which differs between ranks in
+            # asynchronous mode: every rank writes its part next to rank 0's file.
+            path = filepath = self.broadcast(path)
         save_id = self._fresh_save_id()
         relative = os.path.join(os.path.basename(parts_root(path)), save_id)
         self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
