@@ -48,12 +48,12 @@ _REGISTRATIONS: dict[str, list[Registration]] = {
 
 
 class _AfterImportHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a watched package it wraps the real loader so registration runs after it."""
+    """Finds nothing itself: for a watched module it wraps the real loader so registration runs after its code."""
 
     def find_spec(
         self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
     ) -> Optional[importlib.machinery.ModuleSpec]:
-        if fullname not in _REGISTRATIONS:
+        if fullname not in _REGISTRATIONS and not fullname.startswith(_OWN_PREFIX):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -67,7 +67,13 @@ class _AfterImportHook(importlib.abc.MetaPathFinder):
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    """The real loader, plus the registrations of ``name`` once the module's code has run."""
+    """The real loader, plus the registrations of ``name`` once the module's code has run.
+
+    Registering imports the adapter modules (``lightning_gossip.strategy`` and what it imports). If Lightning is
+    imported by one of this package's own modules (``import lightning_gossip.checkpoint_io`` first, say), that module
+    is not finished yet, and importing the adapters now would meet it half-built: the registration then waits until
+    no module of this package is being imported any more.
+    """
 
     def __init__(self, loader: importlib.abc.Loader, name: str) -> None:
         self._loader = loader
@@ -77,20 +83,37 @@ class _RegisteringLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        global _OWN_MODULES_IN_PROGRESS
         # The module must point at its real loader (importlib.resources, linecache and pickle look there).
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        _run(self._name)
+        own = self._name.startswith(_OWN_PREFIX)
+        _OWN_MODULES_IN_PROGRESS += own
+        try:
+            self._loader.exec_module(module)
+        finally:
+            _OWN_MODULES_IN_PROGRESS -= own
+        if self._name in _REGISTRATIONS:
+            _DUE.extend(_REGISTRATIONS.pop(self._name))
+        _run_due()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._loader, name)
 
 
-def _run(package: str) -> None:
-    for registration in _REGISTRATIONS.pop(package, []):
-        registration()
+_OWN_PREFIX = "lightning_gossip."
+# How many of this package's modules are being executed right now (through the hook).
+_OWN_MODULES_IN_PROGRESS = 0
+# Registrations whose Lightning package is imported, waiting for this package's modules to finish importing.
+_DUE: list[Registration] = []
+
+
+def _run_due() -> None:
+    if _OWN_MODULES_IN_PROGRESS:
+        return
+    while _DUE:
+        _DUE.pop(0)()
     if not _REGISTRATIONS:
         _uninstall()
 
@@ -107,6 +130,7 @@ def install() -> None:
     """Register now for every watched package already imported; watch for the others."""
     for package in list(_REGISTRATIONS):
         if package in sys.modules:
-            _run(package)
+            _DUE.extend(_REGISTRATIONS.pop(package))
     if _REGISTRATIONS and _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)
+    _run_due()

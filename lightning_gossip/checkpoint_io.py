@@ -99,8 +99,9 @@ def atomic_local_save(checkpoint: Any, path: str) -> None:
         if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
             raise OSError(error.errno, f"Could not write the checkpoint {path} (nothing was replaced): "
                                        f"{error.strerror or error}") from error
-        if isinstance(error, RuntimeError) and "write" in str(error).lower():  # torch.save's own writer
-            raise RuntimeError(f"Could not write the checkpoint {path} (nothing was replaced): {error}") from error
+        if isinstance(error, RuntimeError):  # torch.save's zip writer reports a failed write (full disk) this way
+            raise RuntimeError(f"Could not write the checkpoint {path} (nothing was replaced; a full disk?): "
+                               f"{error}") from error
         raise
     with suppress(OSError):  # make the rename itself durable; not possible on every platform/filesystem
         fd = os.open(directory, os.O_RDONLY)

@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
+from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 
@@ -109,10 +110,7 @@ class GossipFabricStrategy(DDPStrategy):
             final_consensus=final_consensus,
             asynchronous=asynchronous,
         )
-        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-            raise TypeError(
-                f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {timeout!r}."
-            )
+        check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

@@ -50,7 +50,7 @@ from lightning_gossip.checkpoint_io import (
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
-from lightning_gossip.gossip.options import check_bool, check_optional_int
+from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
@@ -155,10 +155,7 @@ class GossipStrategy(DDPStrategy):
         )
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
-        if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
-            raise TypeError(
-                f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {timeout!r}."
-            )
+        check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

@@ -78,6 +78,34 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class Conv1dNet(nn.Module):
+    """The small 1-D CNN of the MNIST-1D paper (Greydanus 2020, ``ConvBase``): three Conv1d-ReLU layers with
+    stride 2 (kernels 5, 3, 3; ``channels`` each), then one linear classifier on the flattened features.
+
+    With 25 channels and length-40 inputs it has 5 K parameters (the paper's ~94 % model). Inputs of any shape are
+    flattened into one channel of length prod(input_shape), as the paper's ``x.view(-1, 1, L)`` does.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: int = 25) -> None:
+        super().__init__()
+        length = math.prod(int(s) for s in input_shape)
+        self.length = length
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for kernel in (5, 3, 3):
+            layers += [nn.Conv1d(in_ch, int(channels), kernel, stride=2, padding=1), nn.ReLU(inplace=True)]
+            length = (length + 2 - kernel) // 2 + 1
+            in_ch = int(channels)
+        if length < 1:
+            raise ValueError(f"Conv1dNet needs inputs of at least 3 values, got input_shape {list(input_shape)}.")
+        self.features = nn.Sequential(*layers)
+        self.linear = nn.Linear(in_ch * length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x.reshape(x.shape[0], 1, self.length))
+        return self.linear(h.flatten(1))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 conv-BN, identity shortcut (1x1 conv-BN projection when the shape changes)."""
 

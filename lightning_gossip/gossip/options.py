@@ -13,6 +13,7 @@ import dataclasses
 import numbers
 from collections.abc import Hashable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Optional, Union
 
 import torch
@@ -142,6 +143,15 @@ def _check_seed(value: Any) -> Optional[int]:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...], phrase: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be {phrase}, got {value!r}.")
+    return value
+
+
+def check_timeout(value: Any) -> Any:
+    """``None`` or a positive ``datetime.timedelta`` (a process group's timeout), else an error naming the value."""
+    if value is not None and (not isinstance(value, timedelta) or value.total_seconds() <= 0):
+        raise TypeError(
+            f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {value!r}."
+        )
     return value
 
 

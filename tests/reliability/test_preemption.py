@@ -26,7 +26,7 @@ from tests.helpers.processes import ROOT, group_members, kill_group, run_script,
 from tests.reliability.test_resume import rank_parts
 
 # GossipStrategy(timeout=...): a deadlock would last this long before the process group gives up
-PG_TIMEOUT_S = 60
+PG_TIMEOUT_S = 120  # also bounds the start-up rendezvous, slow when 3 processes start on 2 busy cores
 COMMON = ["--n", "80", "--p", "0.4", "--timeout-s", str(PG_TIMEOUT_S)]
 
 

@@ -1,0 +1,14 @@
+#!/bin/sh
+# The grid as it was run for experiments/results/mnist1d (a reduced grid: see its README), in order of priority.
+# Resumable: rerun it and only the runs without a JSON are run. Each line is independent; run any of them alone.
+set -e
+cd "$(dirname "$0")/../.."
+export RUST_LOG=warn
+python -m experiments.mnist1d.grid equivalence --workers 4 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid peers --workers 4 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 8 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 8 --seeds 1,2,3 --p 0,0.01,0.1,0.5 --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0.1,1 --jobs 2
+python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0 --jobs 2
+python -m experiments.mnist1d.report
