@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
+from lightning_gossip import async_support
 from lightning_gossip.callbacks import GossipMonitor
 from lightning_gossip._lightning_compat import (
     _is_local_file_protocol,
@@ -219,6 +220,8 @@ class GossipStrategy(DDPStrategy):
 
     def _check_before_launch(self, trainer: Optional["pl.Trainer"]) -> None:
         """Checks that need the model but no process group, run before any worker process is started."""
+        if self.options.asynchronous and trainer is not None and self._fitting(trainer):
+            async_support.check_trainer(trainer)
         module = trainer.lightning_module if trainer is not None else None
         if module is None or trainer.state.fn != TrainerFn.FITTING or is_overridden("configure_model", module):
             return  # a model built in `configure_model` only gets its tensors after the launch
@@ -239,6 +242,8 @@ class GossipStrategy(DDPStrategy):
         error); without this, the workers of a failed launcher would wait for it until the process-group timeout.
         """
         super().on_exception(exception)
+        if self.options.asynchronous and self.averager is not None:
+            self.averager.exchange.close(clean=False)  # other ranks may be gone: no collective, daemon threads stay
         if isinstance(self._launcher, GossipSubprocessScriptLauncher):
             self._launcher.stop_children()
 
@@ -294,6 +299,10 @@ class GossipStrategy(DDPStrategy):
         self._resume_step = None
         self._register_processes()
         trainer = self.lightning_module.trainer
+        if self.options.asynchronous:
+            # Ranks take different numbers of steps: no per-step broadcast, a stop flag in the store instead.
+            async_support.setup_fit(self, trainer)
+            return
         # The gossip step count is the same on every rank before each training step, so the broadcast stays a
         # matched collective.
         every = self.sigterm_sync_every
@@ -388,6 +397,30 @@ class GossipStrategy(DDPStrategy):
             with self._naming_lost_ranks("the end of training (drain, step-count check, final consensus)"):
                 self.averager.end()
 
+    # -- asynchronous mode (issue 10): the Lightning side lives in async_support ---------------------------------
+    _in_training_step = False
+
+    @override
+    def process_dataloader(self, dataloader: Any) -> Any:
+        dataloader = super().process_dataloader(dataloader)
+        return async_support.process_dataloader(self, dataloader) if self.options.asynchronous else dataloader
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.options.asynchronous:
+            return super().training_step(*args, **kwargs)
+        self._in_training_step = True  # a collective in here would pair different steps of different ranks
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        if self._in_training_step:
+            async_support.refuse_step_collective("A reduction over ranks (self.log(..., sync_dist=True) on step)")
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _enter_consensus(self) -> None:
         if self.options.eval_mode != "consensus" or self.averager is None or self.world_size == 1:
@@ -472,6 +505,8 @@ class GossipStrategy(DDPStrategy):
         # consensus is swapped in; store each rank's own weights, not the consensus.
         swapped = self._eval_stack is not None
         self._leave_consensus()
+        if self.options.asynchronous:
+            self.averager.finish()  # quiescence: the checkpoint is a consistent cut, nothing on the wire
         try:
             mine = {
                 "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
@@ -482,6 +517,10 @@ class GossipStrategy(DDPStrategy):
             if swapped:
                 self._enter_consensus()
         path = os.fspath(filepath)
+        if self.options.asynchronous:
+            # ModelCheckpoint names the file after each rank's own global_step, which differs between ranks in
+            # asynchronous mode: every rank writes its part next to rank 0's file.
+            path = filepath = self.broadcast(path)
         save_id = self._fresh_save_id()
         relative = os.path.join(os.path.basename(parts_root(path)), save_id)
         self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
@@ -593,6 +632,9 @@ class GossipStrategy(DDPStrategy):
                 description=f"GoSGD gossip strategy with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+        strategy_registry.register(
+            "gossip_async", cls, description="Asynchronous GoSGD gossip (no rank waits for another)", asynchronous=True
+        )
 
 
 _AT_EXIT_REGISTERED = False

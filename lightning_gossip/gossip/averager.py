@@ -208,6 +208,9 @@ class GossipAverager:
 
     def weighted_mean(self) -> tuple[torch.Tensor, float]:
         """The exact consensus x_bar (messages in flight counted, not mixed in) and sum_i a_i. A collective."""
+        if self.options.asynchronous:
+            # Asynchronous messages may be on the wire, where no rank can count them: bring them home first.
+            self.finish()
         return self.state.weighted_mean(
             group=self.group, in_flight=self.exchange.in_flight_messages(), on_nonfinite=self.options.on_nonfinite
         )

@@ -91,6 +91,16 @@ def check_training_epoch_loop(loop: Any) -> None:
             f"{loop.__name__}.advance no longer calls {SIGTERM_BROADCAST_METHOD}: the throttle would replace nothing"
 
 
+def check_update_dataloader(function: Any) -> None:
+    # async_support: the training DataLoader rebuilt with the work-sharing sampler, as Lightning does for its own.
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    has_params(function, "dataloader", "sampler", "mode")
+    loader = DataLoader(list(range(8)), batch_size=2)
+    sampler = SequentialSampler(range(4))
+    assert function(loader, sampler).sampler is sampler
+
+
 # (module, private name) -> the check of the shape the code relies on
 EXPECTED: dict[tuple[str, str], Callable[[Any], None]] = {
     ("lightning.fabric.strategies.launchers.subprocess_script", "_ChildProcessObserver"): check_child_observer,
@@ -99,6 +109,7 @@ EXPECTED: dict[tuple[str, str], Callable[[Any], None]] = {
     ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"): check_multiprocessing_launcher,
     ("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher"): check_subprocess_launcher,
     ("lightning.pytorch.trainer.connectors.signal_connector", "_get_sigkill_signal"): check_sigkill_signal,
+    ("lightning.pytorch.utilities.data", "_update_dataloader"): check_update_dataloader,
 }
 
 

@@ -59,6 +59,6 @@ print(json.dumps({
 }))
 """
     found = json.loads(_run(code).strip().splitlines()[-1])
-    assert {"gossip", "gossip_fork", "gossip_spawn"} <= set(found["trainer"])
-    assert {"gossip"} <= set(found["fabric"])
+    assert {"gossip", "gossip_async", "gossip_fork", "gossip_spawn"} <= set(found["trainer"])
+    assert {"gossip", "gossip_async"} <= set(found["fabric"])
     assert found["classes"] == [True, True]

@@ -1,0 +1,561 @@
+"""Asynchronous GoSGD: push (x_i, a_i / 2) to a peer whenever the coin says so, mix whatever has arrived, never wait.
+
+The lock-step exchange (:mod:`lightning_gossip.gossip.exchange`) makes every transfer a rendezvous of two ranks at
+the same step, so every rank runs at the slowest one's pace. Here a rank never waits for a peer during training:
+
+* Transport: a gloo group of its own ("side group"), created by every rank at the same point. gloo can receive from
+  any source (``ProcessGroup.recv_anysource``), and a gloo send completes only once the receiver has posted a
+  matching receive, so each rank runs one receiver thread that keeps a receive posted at all times and hands every
+  filled buffer to the training thread. Between one sender and one receiver messages arrive in the order they were
+  sent. Messages are CPU buffers (pinned when the model is on CUDA, copied to and from the device), so the mode
+  works with NCCL models too, which cannot receive from any source.
+* Step (on the training thread, after an optimizer step): mix every message that has arrived, in arrival order, by
+  the sum-weight rule; then with probability p halve a_i, pack (x_i, a_i, sender, sequence number) into a send
+  buffer and post the send to a peer drawn from the topology. A send buffer is reused only once its send completed.
+  The coin and the peer are counter-based draws from (seed, rank, local step): a rank needs nobody to decide.
+* Mass: a message's weight leaves the sender when it is packed and joins the receiver when it is mixed, so
+  sum_i a_i + (weight in flight) = 1 at every instant.
+* Quiescence (:meth:`AsyncGossipExchange.drain`, a collective): the ranks all-reduce how many messages each sent to
+  each, every rank waits until it has received what was sent to it and mixes it, then a barrier. Afterwards nothing
+  is in flight and sum_i a_i = 1 to float64 rounding, so consensus and checkpoint code applies unchanged.
+* Failure: a send to a dead peer fails (gloo: connection closed) and a send that a peer has not taken within the
+  timeout means the peer hangs; both become a :class:`GossipPeerError` naming the peer. ``drain`` waits at most the
+  timeout and names the ranks whose messages are missing. The receiver thread is a daemon thread: it never keeps
+  the interpreter from exiting. :meth:`close` stops it cleanly when every rank closes (a stop message from the
+  previous rank in a ring, after a barrier that proves no gossip message is still on its way).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gossip.gossip.errors import GossipPeerError, collective_guard, peer_lost_error
+from lightning_gossip.gossip.schedule import _STREAM_PEER, _STREAM_SEND, uniform
+from lightning_gossip.gossip.state import GossipState
+from lightning_gossip.gossip.topology import RandomPeer, resolve_topology
+
+try:  # the architecture refactor moves these; keep working on both sides of it
+    from lightning_gossip.gossip.counters import GossipCounters  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - before the refactor
+    from lightning_gossip.gossip.exchange import GossipCounters
+try:
+    from lightning_gossip.gossip.errors import NonFiniteGossipError  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - before the refactor
+    from lightning_gossip.gossip.exchange import NonFiniteGossipError
+
+# Header slot 3 (reserved in GossipState's layout) says what a message is.
+_KIND_SLOT = 3
+_KIND_GOSSIP = 0.0
+_KIND_STOP = 1.0  # close(): the receiver thread ends after this message
+_TAG = 0
+_PROBE_TAG = 1  # failure diagnosis only; never received
+# The side group's own gloo timeout must never fire: a gloo wait that times out poisons every connection of the
+# group, and the receiver legitimately waits for as long as no peer sends. Timeouts are enforced here instead.
+_SIDE_GROUP_TIMEOUT = timedelta(days=365)
+_DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def process_group_timeout(group: Optional[dist.ProcessGroup] = None) -> timedelta:
+    """The timeout ``group`` (default: the default group) was created with, or torch's default if unknown."""
+    group = group if group is not None else dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001 - no backend for this device, or an API without options
+            continue
+    return _DEFAULT_TIMEOUT
+
+
+class AsyncGossipExchange:
+    """The asynchronous exchange of one rank's :class:`GossipState` (the exchange protocol of the averager).
+
+    Args:
+        state: this rank's flat tensors and gossip weight.
+        options: a ``GossipOptions`` (``p``, ``topology``, ``seed``, ``on_nonfinite`` are read) or None.
+        group: the process group of the gossiping ranks (default: the default group). Every rank of the default
+            group must construct the exchange at the same point (it creates two gloo groups).
+        schedule: a ``GossipSchedule``; when given, its ``p``, ``topology`` and ``seed`` win over ``options``.
+        timeout: how long a send may wait for its receiver and :meth:`drain` for missing messages before the peer
+            is declared lost (default: the process group's timeout).
+        max_sends_in_flight: a rank whose sends have not been taken yet skips its coin above this many, so a hung
+            peer costs bounded memory until the timeout names it.
+        p, topology, seed, on_nonfinite: used when neither ``options`` nor ``schedule`` give them.
+    """
+
+    def __init__(
+        self,
+        state: GossipState,
+        options: Any = None,
+        group: Optional[dist.ProcessGroup] = None,
+        schedule: Any = None,
+        *,
+        timeout: Optional[timedelta] = None,
+        max_sends_in_flight: int = 16,
+        check_finite: bool = True,
+        p: float = 0.1,
+        topology: Any = "random",
+        seed: int = 0,
+        on_nonfinite: str = "warn",
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("AsyncGossipExchange needs an initialised default process group.")
+        source = schedule if schedule is not None else options
+        self.p = float(getattr(source, "p", p))
+        self.topology = resolve_topology(getattr(source, "topology", topology) or RandomPeer())
+        source_seed = getattr(source, "seed", seed)
+        self.seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
+        self.on_nonfinite = getattr(options, "on_nonfinite", on_nonfinite)
+        if self.on_nonfinite not in ("warn", "error"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {self.on_nonfinite!r}.")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"Gossip probability p must be in [0, 1], got {self.p!r}.")
+        if max_sends_in_flight < 1:
+            raise ValueError(f"max_sends_in_flight must be an integer >= 1, got {max_sends_in_flight!r}.")
+        self.state = state
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.timeout = timeout if timeout is not None else process_group_timeout(group)
+        self.max_sends_in_flight = int(max_sends_in_flight)
+        self.check_finite = check_finite
+        self.counters = GossipCounters()
+        # Coins that came up while max_sends_in_flight sends were still waiting for their receiver.
+        self.sends_skipped = 0
+        # On CUDA, messages cross the wire from pinned host memory; pack/mix go through a device staging buffer.
+        self._on_device = state.device.type != "cpu"
+        self._pin = self._on_device and torch.cuda.is_available()
+        self._staging: Optional[Tensor] = None
+
+        # Bookkeeping shared with the receiver thread (guarded by _cond's lock).
+        self._cond = threading.Condition()
+        self._arrived: deque[tuple[int, Tensor]] = deque()  # (sender, message), in arrival order
+        self._received_from = [0] * self.world_size  # cumulative, since construction
+        self._free_receive: list[Tensor] = []
+        self._receiver_error: Optional[BaseException] = None
+        # gloo marks a send complete only inside wait(), so a completion thread waits on each send in turn and gives
+        # its buffer back to the pool; the training thread only looks at what it recorded (guarded by _cond too).
+        self._send_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sends_in_flight: dict[int, tuple[int, float]] = {}  # send id -> (destination, posted at)
+        self._send_error: Optional[tuple[int, BaseException]] = None
+        self._free_send: list[Tensor] = []
+        self._send_id = 0
+        # Training-thread only.
+        self._sent_to = [0] * self.world_size  # cumulative, since construction
+        self._seq = 0
+        self._drains = 0
+        self._quiescent = False
+        self._probes: list = []
+        self._uid = ""
+        self._closed = False
+        self._failed = False
+        self._thread: Optional[threading.Thread] = None
+        self._completer: Optional[threading.Thread] = None
+        self._side: Optional[dist.ProcessGroup] = None
+        self._control: Optional[dist.ProcessGroup] = None
+        if self.world_size > 1:
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+            # Messages travel on their own group, so gossip never shares a tag or a connection with the training
+            # collectives; the control group carries drain's count all-reduce and barriers, with the real timeout.
+            # Inside a subgroup only its ranks construct the exchange, so only they create the side groups.
+            local = group is not None
+            self._side = dist.new_group(
+                ranks, backend="gloo", timeout=_SIDE_GROUP_TIMEOUT, use_local_synchronization=local
+            )
+            self._control = dist.new_group(ranks, backend="gloo", timeout=self.timeout, use_local_synchronization=local)
+            # Unique per exchange and the same on every rank (groups are created in the same order everywhere).
+            self._uid = str(getattr(self._side, "group_name", "")) or str(id(self))
+            self._thread = threading.Thread(
+                target=self._receive_loop, name=f"gossip-async-receiver-rank{self.rank}", daemon=True
+            )
+            self._completer = threading.Thread(
+                target=self._complete_sends_loop, name=f"gossip-async-sends-rank{self.rank}", daemon=True
+            )
+            self._thread.start()
+            self._completer.start()
+
+    # -- buffers --------------------------------------------------------------------------------------------------
+    def _new_host_message(self) -> Tensor:
+        return torch.empty(self.state.message_bytes, dtype=torch.uint8, pin_memory=self._pin)
+
+    def _header(self, message: Tensor) -> Tensor:
+        return message[:32].view(torch.float64)
+
+    # -- the receiver thread --------------------------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        assert self._side is not None
+        while True:
+            with self._cond:
+                buffer = self._free_receive.pop() if self._free_receive else None
+            if buffer is None:
+                buffer = self._new_host_message()
+            try:
+                work = self._side.recv_anysource([buffer], _TAG)
+                work.wait()
+                source = work._source_rank()
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread, which raises it
+                with self._cond:
+                    self._receiver_error = error
+                    self._cond.notify_all()
+                return
+            if float(self._header(buffer)[_KIND_SLOT]) == _KIND_STOP:
+                return
+            with self._cond:
+                self._arrived.append((source, buffer))
+                self._received_from[source] += 1
+                self._cond.notify_all()
+
+    def _check_receiver(self) -> None:
+        error = self._receiver_error
+        if error is not None:
+            self._failed = True
+            lost = self._locate_lost_peers()
+            if lost:
+                raise peer_lost_error(self.rank, lost, "an asynchronous gossip receive", error) from error
+            raise GossipPeerError(
+                f"Rank {self.rank}: the asynchronous gossip receiver failed: {error}", self.rank, []
+            ) from error
+
+    def _locate_lost_peers(self) -> list[int]:
+        """The peers whose connection is closed: gloo refuses a send to them at once (a receive error cannot say).
+
+        The probes go out on a tag nobody receives on, so a probe to a live peer just stays pending; this runs only
+        once the exchange has failed, which is why that is acceptable.
+        """
+        assert self._side is not None
+        probe = torch.zeros(1, dtype=torch.uint8)
+        lost = []
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                continue
+            try:
+                self._probes.append(self._side.send([probe], peer, _PROBE_TAG))
+            except RuntimeError:
+                lost.append(peer)
+        return lost
+
+    # -- the protocol ---------------------------------------------------------------------------------------------
+    def step(self, step: int) -> None:
+        """After optimizer step ``step``: mix what has arrived, then maybe push to a peer. Never waits for a peer."""
+        self.counters.steps += 1
+        self._quiescent = False
+        if self.world_size == 1 or self._closed:
+            return
+        self._check_receiver()
+        self._check_sends()
+        self._mix_arrived()
+        if self.p > 0.0 and uniform(self.seed, step, self.rank, _STREAM_SEND) < self.p:
+            if len(self._sends_in_flight) >= self.max_sends_in_flight:
+                self.sends_skipped += 1
+                return
+            u = uniform(self.seed, step, self.rank, _STREAM_PEER)
+            self._send(self.topology.peer(self.rank, self.world_size, step, u))
+
+    def _send(self, destination: int) -> None:
+        # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
+        self.state.weight /= 2.0
+        with self._cond:
+            buffer = self._free_send.pop() if self._free_send else None
+        if buffer is None:
+            buffer = self._new_host_message()
+        self._pack(buffer, self._seq, _KIND_GOSSIP)
+        self._seq += 1
+        self._post(buffer, destination, "an asynchronous gossip send")
+        self._sent_to[destination] += 1
+        self.counters.messages_sent += 1
+        self.counters.bytes_sent += self.state.message_bytes
+
+    def _pack(self, buffer: Tensor, seq: int, kind: float) -> None:
+        if self._on_device:
+            if self._staging is None:
+                self._staging = self.state.new_message()
+            self.state.pack(self._staging, seq, self.rank)
+            buffer.copy_(self._staging)  # synchronous: the host buffer is complete before the send is posted
+        else:
+            self.state.pack(buffer, seq, self.rank)
+        self._header(buffer)[_KIND_SLOT] = kind
+
+    def _post(self, buffer: Tensor, destination: int, what: str) -> None:
+        assert self._side is not None
+        try:
+            work = self._side.send([buffer], destination, _TAG)
+        except RuntimeError as error:  # gloo refuses a send to a peer whose connection is closed
+            self._failed = True
+            raise peer_lost_error(self.rank, [destination], what, error) from error
+        with self._cond:
+            send_id = self._send_id
+            self._send_id += 1
+            self._sends_in_flight[send_id] = (destination, time.monotonic())
+        self._send_queue.put((send_id, work, buffer, destination))
+
+    def _complete_sends_loop(self) -> None:
+        while True:
+            item = self._send_queue.get()
+            if item is None:
+                return
+            send_id, work, buffer, destination = item
+            try:
+                work.wait()  # the side group's timeout never fires; the training thread judges the age instead
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread, which raises it
+                with self._cond:
+                    if self._send_error is None:
+                        self._send_error = (destination, error)
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                del self._sends_in_flight[send_id]
+                self._free_send.append(buffer)
+                self._cond.notify_all()
+
+    def _check_sends(self, block_until: Optional[float] = None) -> None:
+        """Raise for a failed send, or one that waited longer than the timeout, naming its peer.
+
+        With ``block_until`` (a monotonic deadline), also wait for every send to complete (drain and close only).
+        """
+        timeout = self.timeout.total_seconds()
+        with self._cond:
+            while True:
+                if self._send_error is not None:
+                    self._failed = True
+                    destination, error = self._send_error
+                    raise peer_lost_error(
+                        self.rank, [destination], "an asynchronous gossip send", error
+                    ) from error
+                now = time.monotonic()
+                if self._sends_in_flight:
+                    destination, posted = min(self._sends_in_flight.values(), key=lambda entry: entry[1])
+                    if now - posted > timeout or (block_until is not None and now > block_until):
+                        self._failed = True
+                        raise peer_lost_error(
+                            self.rank, [destination], "an asynchronous gossip send",
+                            TimeoutError(f"the peer did not take the message within {now - posted:.1f} s"),
+                        )
+                if block_until is None or not self._sends_in_flight:
+                    return
+                self._cond.wait(0.05)
+
+    def _mix_arrived(self) -> None:
+        while True:
+            with self._cond:
+                if not self._arrived:
+                    return
+                source, message = self._arrived.popleft()
+            try:
+                self._mix(source, message)
+            finally:
+                with self._cond:
+                    self._free_receive.append(message)
+
+    def _mix(self, source: int, message: Tensor) -> None:
+        weight, seq, sender = GossipState.read_header(message)
+        self.counters.messages_received += 1
+        self.counters.bytes_received += self.state.message_bytes
+        if self._on_device:
+            if self._staging is None:
+                self._staging = self.state.new_message()
+            # Synchronous: the host buffer goes back to the receiver as soon as this message is mixed.
+            self._staging.copy_(message)
+            message = self._staging
+        if self.check_finite and not self.state.payload_is_finite(message):
+            self.counters.messages_rejected += 1
+            text = (
+                f"Rank {self.rank} received an asynchronous gossip message with NaN/Inf values from rank {sender} "
+                f"(its message #{seq}); it was not mixed in (its gossip weight was kept so the total stays 1)."
+            )
+            self.state.absorb_weight(weight)
+            if self.on_nonfinite == "error":
+                raise NonFiniteGossipError(text)
+            warnings.warn(text, RuntimeWarning, stacklevel=4)
+            return
+        self.state.mix(message, weight)
+
+    def drain(self) -> None:
+        """Quiescence (a collective over the group): bring every message in flight home and mix it.
+
+        Every rank stops sending, the ranks all-reduce how many messages each sent to each, every rank waits (at
+        most the timeout) until it has received what was sent to it and mixes it, and a barrier ends it, so no
+        message sent after this drain can be mixed by a rank still in it. Afterwards sum_i a_i = 1 to rounding.
+        """
+        if self.world_size == 1 or self._closed:
+            return  # closed: nothing is sent any more, and close() came after the last drain
+        self._check_receiver()
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        counts = torch.zeros(self.world_size, self.world_size, dtype=torch.int64)
+        counts[self.rank] = torch.tensor(self._sent_to, dtype=torch.int64)
+        self._drains += 1
+        self._collective(
+            "the all-reduce of asynchronous gossip message counts (quiescence)", counts, f"drain{self._drains}"
+        )
+        expected = counts[:, self.rank].tolist()
+        with self._cond:
+            while True:
+                missing = [s for s in range(self.world_size) if self._received_from[s] < expected[s]]
+                if not missing or self._receiver_error is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._failed = True
+                    owed = ", ".join(f"{expected[s] - self._received_from[s]} from rank {s}" for s in missing)
+                    raise peer_lost_error(
+                        self.rank, missing, "the quiescence of asynchronous gossip",
+                        TimeoutError(f"messages still missing after {self.timeout.total_seconds():.0f} s: {owed}"),
+                    )
+                self._cond.wait(min(remaining, 1.0))
+        self._check_receiver()
+        self._mix_arrived()
+        self._check_sends(block_until=deadline)
+        self._collective("the barrier that ends asynchronous gossip quiescence", torch.zeros(1))
+        # The consistent cut: until this rank steps again, what arrives is after the cut (see state_dict).
+        self._quiescent = True
+
+    def _collective(self, what: str, tensor: Tensor, checkpoint: Optional[str] = None) -> None:
+        """An all-reduce over the control group that names the rank(s) that never came, if it fails.
+
+        A collective cannot say who is missing, so with ``checkpoint`` every rank first records its arrival in the
+        default store; a failed all-reduce then names the ranks that did not arrive (hung or dead).
+        """
+        store = None
+        if checkpoint is not None:
+            try:
+                store = dist.distributed_c10d._get_default_store()
+                store.set(self._key(checkpoint, self.rank), "1")
+            except Exception:  # noqa: BLE001 - naming the culprit is a courtesy; the all-reduce decides
+                store = None
+        try:
+            with collective_guard(what, self._control):
+                dist.all_reduce(tensor, group=self._control)
+        except GossipPeerError as error:
+            self._failed = True
+            missing = self._absent(store, checkpoint) if store is not None else []
+            if missing:
+                raise peer_lost_error(self.rank, missing, what, error.__cause__ or error) from error
+            raise
+
+    def _key(self, checkpoint: str, rank: int) -> str:
+        return f"lightning_gossip/async/{self._uid}/{checkpoint}/{rank}"
+
+    def _absent(self, store: Any, checkpoint: Optional[str]) -> list[int]:
+        try:
+            store.set_timeout(timedelta(seconds=2))
+            return [r for r in range(self.world_size) if not store.check([self._key(checkpoint, r)])]
+        except Exception:  # noqa: BLE001 - the store lives in rank 0's process, which may be the one lost
+            return []
+
+    def in_flight_messages(self) -> list[Tensor]:
+        """Messages received and not mixed in yet (their mass counts in the exact mean).
+
+        Messages still on the wire are not here: call :meth:`drain` first where the exact mean matters.
+        """
+        self._check_receiver()
+        with self._cond:
+            messages = [message for _, message in self._arrived]
+        if self._on_device:
+            messages = [message.to(self.state.device) for message in messages]
+        return messages
+
+    def in_flight_weight(self) -> float:
+        """The gossip weight of the messages this rank has received and not mixed in yet."""
+        with self._cond:
+            return sum(GossipState.read_header(message)[0] for _, message in self._arrived)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the messages received but not mixed in yet, as ``(sequence number, sender, message)``.
+
+        Right after :meth:`drain` (the consistent cut every checkpoint is taken at) nothing before the cut is in
+        flight, so ``in_flight`` is empty; a message that arrives after the cut (a faster peer already training again)
+        belongs to the next cut: its mass is in neither its sender's saved weight nor this rank's. Called without a
+        drain, the messages received so far are saved, but messages on the wire are not: not a consistent cut.
+        """
+        if self._quiescent:
+            arrived = []
+        else:
+            with self._cond:
+                arrived = [(source, message.clone()) for source, message in self._arrived]
+        return {
+            "counters": self.counters.as_dict(),
+            "in_flight": [(int(GossipState.read_header(m)[1]), source, m) for source, m in arrived],
+            "asynchronous": {"seq": self._seq, "sends_skipped": self.sends_skipped, "consistent": self._quiescent},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters = GossipCounters(**state.get("counters", {}))
+        messages = []
+        for entry in state.get("in_flight", []):
+            source, message = int(entry[-2]), entry[-1]  # (seq or step, sender, message), as the lock-step exchange
+            if message.dtype != torch.uint8 or message.numel() != self.state.message_bytes:
+                raise ValueError(
+                    f"A gossip message in flight in this checkpoint (from rank {source}) has {message.numel()} "
+                    f"{message.dtype} elements, but this run's messages are {self.state.message_bytes} bytes: resume "
+                    "with the model, mix_buffers and transfer_dtype the checkpoint was written with."
+                )
+            buffer = self._new_host_message()
+            buffer.copy_(message)
+            messages.append((source, buffer))
+        with self._cond:
+            # Mixed at the next step; the per-peer counts stay this run's, so drain's accounting is unaffected.
+            self._arrived.extendleft(reversed(messages))
+        extra = state.get("asynchronous") or {}
+        self._seq = int(extra.get("seq", 0))
+        self.sends_skipped = int(extra.get("sends_skipped", 0))
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the receiver thread and release the buffers. Idempotent.
+
+        When every rank closes together after a healthy run (the averager's end()), each sends a stop message to the
+        next rank of a ring after a barrier that proves every gossip message was taken, and joins its receiver. A
+        rank that already failed, or whose peers are gone, leaves the daemon receiver thread blocked: it cannot
+        keep the interpreter from exiting. Messages received and not mixed in are dropped: drain() first.
+        ``clean=False`` skips the collective part (after an exception, when other ranks may be gone or elsewhere).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if not clean:
+            self._failed = True
+        if thread is None or not thread.is_alive() or self._failed or self._receiver_error is not None:
+            self._release()
+            return
+        try:
+            self._check_sends(block_until=time.monotonic() + self.timeout.total_seconds())
+            self._collective("the barrier before stopping the asynchronous gossip receivers", torch.zeros(1))
+            stop = self._new_host_message()
+            stop.zero_()
+            self._header(stop)[2] = float(self.rank)
+            self._header(stop)[_KIND_SLOT] = _KIND_STOP
+            self._post(stop, (self.rank + 1) % self.world_size, "the stop message of the asynchronous gossip")
+            self._check_sends(block_until=time.monotonic() + self.timeout.total_seconds())
+            thread.join(self.timeout.total_seconds())
+        except GossipPeerError as error:
+            # close() runs in teardown, often after another error: report, never mask it; the daemon threads stay.
+            self._failed = True
+            warnings.warn(f"Asynchronous gossip could not stop its receiver cleanly: {error}", RuntimeWarning)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._staging = None
+        if not self._failed and self._completer is not None:
+            self._send_queue.put(None)  # every send completed: the completion thread ends
+        with self._cond:
+            self._free_send = []
+            self._free_receive = []
+            self._arrived = deque()
+
+    @property
+    def receiver_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def async_exchange_factory(state: GossipState, options: Any, group: Any, schedule: Any) -> AsyncGossipExchange:
+    """``GossipAverager(..., exchange=async_exchange_factory)``."""
+    return AsyncGossipExchange(state, options, group, schedule)
