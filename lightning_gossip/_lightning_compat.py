@@ -8,6 +8,7 @@ loudly in the tests (and, for the SIGTERM throttle, at setup) instead of silentl
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
@@ -32,6 +33,7 @@ __all__ = [
     "_SubprocessScriptLauncher",
     "_get_sigkill_signal",
     "_is_local_file_protocol",
+    "make_sigterm_handler_local",
     "throttle_sigterm_broadcast",
 ]
 
@@ -62,3 +64,29 @@ def throttle_sigterm_broadcast(trainer: pl.Trainer, should_broadcast: Callable[[
     throttled.broadcasts = 0  # type: ignore[attr-defined]
     setattr(loop, SIGTERM_BROADCAST_METHOD, throttled)
     return throttled
+
+
+def make_sigterm_handler_local(trainer: pl.Trainer) -> None:
+    """Make Lightning's SIGTERM handler raise the flag only, with no collective in it.
+
+    Lightning's handler (``_SignalConnector._sigterm_notifier_fn``) runs ``dist.broadcast`` inside the signal handler,
+    that is between any two Python bytecodes of the main thread: inside a checkpoint save's collectives, a gossip
+    exchange, a barrier. A SIGTERM to every rank (a scheduler's preemption notice) then deadlocks until the
+    process-group timeout: rank 0 waits in the save's collective, the others in the handler's broadcast. Here the
+    handler only stops the processes this one launched (as Lightning's does) and sets ``trainer.received_sigterm``;
+    each rank stops at its next step boundary (Lightning checks the flag there), and rank 0's flag still reaches
+    the others through the fit loop's (throttled) per-step broadcast, a matched collective. Must run before
+    ``register_signal_handlers`` (the strategy's ``setup_environment`` does).
+    """
+    connector = trainer._signal_connector
+    log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+
+    def sigterm_notifier(signum: Any, frame: Any) -> None:
+        log.info(f"[rank: {trainer.global_rank}] Received SIGTERM: {signum}; stopping at the next step boundary")
+        if not connector.received_sigterm:
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        connector.received_sigterm = True
+
+    connector._sigterm_notifier_fn = sigterm_notifier

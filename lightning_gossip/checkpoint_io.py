@@ -1,8 +1,13 @@
-"""Checkpoint files: atomic writes, and a clear error for a checkpoint written for another model."""
+"""Checkpoint files: atomic writes, per-rank parts beside the main file, errors that name the file, and a clear error
+for a checkpoint written for another model."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import shutil
+import socket
 import uuid
 from contextlib import suppress
 from typing import Any, Mapping, Optional
@@ -38,31 +43,64 @@ class AtomicCheckpointIO(CheckpointIO):
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, **kwargs: Any) -> dict[str, Any]:
-        return self.checkpoint_io.load_checkpoint(path, map_location=map_location, **kwargs)
+        try:
+            return self.checkpoint_io.load_checkpoint(path, map_location=map_location, **kwargs)
+        except (FileNotFoundError, pickle.UnpicklingError):
+            raise  # these name the file, or say what to do about weights_only
+        except (OSError, RuntimeError, EOFError, ValueError) as error:
+            raise _unreadable(path, error) from error
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
         self.checkpoint_io.remove_checkpoint(path)
+        parts = parts_root(os.fspath(path))
+        if _is_local_file_protocol(path) and os.path.isdir(parts):
+            shutil.rmtree(parts, ignore_errors=True)
 
     @override
     def teardown(self) -> None:
         self.checkpoint_io.teardown()
 
 
-def atomic_local_save(checkpoint: dict[str, Any], path: str) -> None:
-    """Write ``checkpoint`` to ``path`` so that a crash leaves either the old file or the new one, never a torn one."""
+def _unreadable(path: Any, error: BaseException) -> RuntimeError:
+    size = ""
+    with suppress(OSError, TypeError):
+        size = f" ({os.path.getsize(path)} bytes)"
+    return RuntimeError(
+        f"Could not read the checkpoint {os.fspath(path)}{size}: {type(error).__name__}: {error}. The file is "
+        "truncated (a copy or a save that did not finish, a full disk) or not a checkpoint; resume from an earlier one."
+    )
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+
+
+def atomic_local_save(checkpoint: Any, path: str) -> None:
+    """Write ``checkpoint`` to ``path`` so that a crash leaves either the old file or the new one, never a torn one.
+
+    The temporary file is ``.<name>.<host>.<pid>.<random>.tmp`` beside the target; temporary files of this name left
+    by writers on this host that are gone (killed while saving) are removed first, so they do not pile up. An error
+    while writing (a full disk, say) names the file.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    name = os.path.basename(path)
+    remove_stale_temporary_files(directory, name)
+    tmp = os.path.join(directory, f".{name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            raise OSError(error.errno, f"Could not write the checkpoint {path} (nothing was replaced): "
+                                       f"{error.strerror or error}") from error
+        if isinstance(error, RuntimeError) and "write" in str(error).lower():  # torch.save's own writer
+            raise RuntimeError(f"Could not write the checkpoint {path} (nothing was replaced): {error}") from error
         raise
     with suppress(OSError):  # make the rename itself durable; not possible on every platform/filesystem
         fd = os.open(directory, os.O_RDONLY)
@@ -70,6 +108,59 @@ def atomic_local_save(checkpoint: dict[str, Any], path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporary_files(directory: str, name: str) -> list[str]:
+    """Remove ``.<name>.<host>.<pid>.*.tmp`` files in ``directory`` whose writer (a process on this host) is gone."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]+\.tmp$")
+    removed = []
+    with suppress(OSError):
+        for entry in os.listdir(directory):
+            match = pattern.match(entry)
+            if match and not _process_alive(int(match.group(1))):
+                with suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+                    removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running (a zombie, dead but not yet reaped by its parent, is not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+    return True
+
+
+# -- per-rank parts ------------------------------------------------------------------------------------------------
+# A gossip checkpoint is the main file (a plain Lightning checkpoint of the consensus model, written by rank 0) and
+# one part per rank (that rank's own weights, optimizer state and gossip state, written by that rank) in
+# <main file>.parts/<save id>/rank<r>.pt. The save id is fresh for every save and recorded in the main file, which is
+# replaced last: a crash at any moment leaves the previous main file and the parts it names complete.
+def parts_root(path: str) -> str:
+    return f"{path}.parts"
+
+
+def part_path(main_path: str, relative_dir: str, rank: int) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(main_path)), relative_dir, f"rank{rank}.pt")
+
+
+def remove_old_parts(main_path: str, keep_id: str) -> None:
+    """After the main file names ``keep_id``: remove the parts of earlier saves (and of saves that crashed)."""
+    root = parts_root(main_path)
+    with suppress(OSError):
+        for entry in os.listdir(root):
+            if entry != keep_id:
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def check_checkpoint_fits(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:

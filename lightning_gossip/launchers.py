@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 from subprocess import Popen
 from typing import Any, Callable, Optional
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -38,17 +39,38 @@ class GossipSubprocessScriptLauncher(_SubprocessScriptLauncher):
     @override
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
         self._before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except SIGTERMException as stopped:
+            # Lightning stops a fit after SIGTERM with SIGTERMException(), a SystemExit with exit code 0: a
+            # preempted run would look like a finished one to torchrun's agent, a scheduler or CI.
+            if stopped.code in (None, 0):
+                raise SIGTERMException(128 + int(signal.SIGTERM)) from stopped
+            raise
 
     @override
     def _call_children_scripts(self) -> None:
         super()._call_children_scripts()
-        _LostWorkerReporter(self.procs).start()
+        self._reporter = _LostWorkerReporter(self.procs)
+        self._reporter.start()
 
     def stop_children(self) -> None:
-        """Kill the worker processes this launcher started (rank 0 failed: none must be left waiting for it)."""
+        """Kill the worker processes this launcher started (rank 0 failed: none must be left waiting for it).
+
+        First, the workers that are gone already are reported as lost (rank 0 usually fails because one of them
+        died, and kills the others before the reporter's next look); then the reporter is stopped, so the workers
+        killed here are never reported as lost.
+        """
         if not self.procs:
             return
+        reporter = getattr(self, "_reporter", None)
+        if reporter is not None:
+            reporter.stop()
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if _lost(code) and (reporter is None or rank not in reporter.reported):
+                sys.stderr.write(lost_worker_message(rank, proc.pid, code))
+        sys.stderr.flush()
         self.kill(_get_sigkill_signal())
         for proc in self.procs:
             with suppress(Exception):
@@ -63,17 +85,33 @@ class _LostWorkerReporter(threading.Thread):
         self._procs = procs
         self._interval = interval
         self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self.reported: set[int] = set()
+
+    def stop(self) -> None:
+        """No report after this returns (the caller is about to kill the workers itself)."""
+        with self._lock:
+            self._finished.set()
 
     def run(self) -> None:
         while not self._finished.wait(self._interval):
-            codes = [proc.poll() for proc in self._procs]
-            for rank, code in enumerate(codes, start=1):
-                if code:
-                    sys.stderr.write(lost_worker_message(rank, self._procs[rank - 1].pid, code))
-                    sys.stderr.flush()
+            with self._lock:
+                if self._finished.is_set():
                     return
-            if all(code == 0 for code in codes):
-                return
+                codes = [proc.poll() for proc in self._procs]
+                for rank, code in enumerate(codes, start=1):
+                    if _lost(code):
+                        self.reported.add(rank)
+                        sys.stderr.write(lost_worker_message(rank, self._procs[rank - 1].pid, code))
+                        sys.stderr.flush()
+                        return
+                if all(code is not None and not _lost(code) for code in codes):
+                    return
+
+
+def _lost(code: Optional[int]) -> bool:
+    """A worker that ended with an error; not one stopped by SIGTERM (preemption: exit code 143, or the signal)."""
+    return bool(code) and code not in (128 + int(signal.SIGTERM), -int(signal.SIGTERM))
 
 
 def lost_worker_message(rank: int, pid: int, code: int) -> str:

@@ -9,11 +9,15 @@ what is about gradients: the model is never wrapped in ``DistributedDataParallel
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
 import os
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+import socket
+import uuid
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from datetime import timedelta
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -28,12 +32,23 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_gossip._lightning_compat import throttle_sigterm_broadcast
 from lightning_gossip.callbacks import GossipMonitor
-from lightning_gossip.checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
+from lightning_gossip._lightning_compat import (
+    _is_local_file_protocol,
+    make_sigterm_handler_local,
+    throttle_sigterm_broadcast,
+)
+from lightning_gossip.checkpoint_io import (
+    AtomicCheckpointIO,
+    _process_alive,
+    check_checkpoint_fits,
+    part_path,
+    parts_root,
+    remove_old_parts,
+)
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
-from lightning_gossip.gossip.errors import collective_guard
+from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
@@ -79,9 +94,13 @@ class GossipStrategy(DDPStrategy):
         timeout: process-group timeout; a peer that stops answering turns into a :class:`GossipPeerError` naming
             it after this long instead of a hang (a peer that dies is usually reported at once).
 
-    Reliability: checkpoints hold every rank's own weights, gossip weight, in-flight messages and optimizer state, and
-    are written atomically (temporary file in the same directory, fsync, rename), so resuming with the same number of
-    workers is exact and a crash while saving leaves the previous checkpoint intact. Resuming with a different number
+    Reliability: every rank writes its own weights, gossip weight, in-flight messages and optimizer state as a part
+    beside the main file (which holds the consensus model and stays the size of one model, whatever the number of
+    workers); everything is written atomically (temporary file in the same directory, fsync, rename; the main file,
+    which names the parts, last), so resuming with the same number of workers is exact and a crash while saving
+    leaves the previous checkpoint intact. SIGTERM only raises a flag (no collective inside the signal handler, which
+    could land inside a save's collectives and deadlock): each rank stops at its next step boundary, with exit
+    code 143. Resuming with a different number
     of workers starts every rank from the checkpoint's consensus model (see :meth:`load_model_state_dict`). A lost
     peer raises :class:`GossipPeerError` naming it; the launching process then stops its local worker processes.
 
@@ -229,6 +248,10 @@ class GossipStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        module = self.lightning_module
+        if module is not None and module._trainer is not None:
+            make_sigterm_handler_local(module.trainer)
+        _destroy_process_group_at_exit()
         if self.world_size == 1:
             rank_zero_warn(
                 "GossipStrategy runs with a single process (world size 1): nothing is gossiped and training is "
@@ -272,11 +295,54 @@ class GossipStrategy(DDPStrategy):
         elif self._resume_step is not None:
             self.averager.continue_schedule_at(self._resume_step)
         self._resume_step = None
+        self._register_processes()
         trainer = self.lightning_module.trainer
         # The gossip step count is the same on every rank before each training step, so the broadcast stays a
         # matched collective.
         every = self.sigterm_sync_every
         throttle_sigterm_broadcast(trainer, lambda: every is not None and self.gossip_step % every == 0)
+
+    # -- naming a lost rank -----------------------------------------------------------------------------------------
+    def _register_processes(self) -> None:
+        """Every rank's (host, pid), gathered once at setup: a failed collective can then name the ranks that are gone
+        (on this host) instead of "one of ranks 1, 2, 3"."""
+        self._processes: list[tuple[str, int]] = []
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        everyone: list[Any] = [None] * self.world_size
+        with collective_guard("the exchange of every rank's process id at setup"):
+            dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
+        self._processes = [(str(host), int(pid)) for host, pid in everyone]
+
+    def _gone_ranks(self) -> list[int]:
+        host = socket.gethostname()
+        return [rank for rank, (rank_host, pid) in enumerate(getattr(self, "_processes", []))
+                if rank != self.global_rank and rank_host == host and not _process_alive(pid)]
+
+    @contextmanager
+    def _naming_lost_ranks(self, what: str) -> Iterator[None]:
+        """Around a collective: a failure becomes a :class:`GossipPeerError` that names the ranks whose processes are
+        gone, where this rank can see them (same host); otherwise the error is left as it is."""
+        try:
+            with collective_guard(what):
+                yield
+        except GossipPeerError as error:
+            gone = self._gone_ranks()
+            if not gone or set(error.peers) == set(gone):
+                raise
+            # chained to the backend's error, not to the vaguer one ("one of ranks ...") it replaces
+            cause = error.__cause__ or error
+            raise peer_lost_error(self.global_rank, gone, what, cause) from cause
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        with self._naming_lost_ranks("the reduction of a logged value (sync_dist)"):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self._naming_lost_ranks(f"a broadcast from rank {src} (e.g. ModelCheckpoint's decision)"):
+            return super().broadcast(obj, src=src)
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -293,9 +359,37 @@ class GossipStrategy(DDPStrategy):
         return output
 
     @override
+    def on_train_start(self) -> None:
+        self._check_same_batches_per_epoch()
+
+    def _check_same_batches_per_epoch(self) -> None:
+        """Raise :class:`GossipScheduleError` on every rank, before the first step, if the ranks' epochs differ in
+        length (uneven shards): gossip pairs ranks by step number, and a rank whose epoch ends first would otherwise
+        wait in another collective than its peers until the process-group timeout."""
+        if self.averager is None or self.world_size == 1 or self.options.asynchronous or not dist.is_initialized():
+            return
+        trainer = self.lightning_module.trainer  # type: ignore[union-attr]
+        batches = trainer.num_training_batches
+        mine = torch.tensor([int(batches) if math.isfinite(batches) else -1], dtype=torch.int64,
+                            device=self.root_device)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        with self._naming_lost_ranks("the check that every rank's epoch has as many batches"):
+            dist.all_gather(everyone, mine)
+        counts = [int(t.item()) for t in everyone]
+        if len(set(counts)) > 1:
+            described = ", ".join(f"rank {r}: {'unknown (iterable)' if c < 0 else c}" for r, c in enumerate(counts))
+            raise GossipScheduleError(
+                f"Ranks would take different numbers of training batches per epoch ({described}). Gossip pairs ranks "
+                "by step number, so every rank must take the same number of steps: give every rank a shard of the "
+                "same length (Lightning's DistributedSampler pads them; keep `use_distributed_sampler=True` or shard "
+                "evenly yourself), or cap the epoch with `limit_train_batches`."
+            )
+
+    @override
     def on_train_end(self) -> None:
         if self.averager is not None:
-            self.averager.end()
+            with self._naming_lost_ranks("the end of training (drain, step-count check, final consensus)"):
+                self.averager.end()
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _enter_consensus(self) -> None:
@@ -303,7 +397,8 @@ class GossipStrategy(DDPStrategy):
             return
         if self._eval_stack is None:
             self._eval_stack = ExitStack()
-            self._eval_stack.enter_context(self.averager.consensus_swapped_in())
+            with self._naming_lost_ranks("the consensus for evaluation"):
+                self._eval_stack.enter_context(self.averager.consensus_swapped_in())
 
     def _leave_consensus(self) -> None:
         if self._eval_stack is not None:
@@ -356,38 +451,84 @@ class GossipStrategy(DDPStrategy):
         assert self.lightning_module is not None
         if self.averager is None or self.world_size == 1 or not dist.is_initialized():
             return self.lightning_module.state_dict()
-        with self.averager.consensus_swapped_in():
+        with self._naming_lost_ranks("the consensus for a checkpoint"), self.averager.consensus_swapped_in():
             return {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None
     ) -> None:
-        """Add every rank's own weights, gossip weight, optimizer state and schedule position, then write on rank 0.
+        """Every rank writes its own part (weights, optimizer state, gossip weight, schedule position, messages in
+        flight) beside the main file; then rank 0 writes the main file, a plain Lightning checkpoint of the consensus
+        model that names the parts.
 
-        Messages in flight are stored with their receiver, so no weight mass is lost and resuming is exact.
+        What rank 0 holds and writes does not grow with the number of workers. The parts go to
+        ``<file>.parts/<save id>/rank<r>.pt`` with a fresh id per save, recorded in the main file, which is replaced
+        last (atomically): a crash at any moment leaves the previous checkpoint complete, parts included. The parts
+        of earlier saves are removed after. Assumes, as Lightning's resume does, that every rank sees the folder.
         """
-        if self.averager is not None and self.world_size > 1 and dist.is_initialized():
-            assert self.lightning_module is not None
-            # Saved during evaluation (ModelCheckpoint(save_on_train_epoch_end=False), val_check_interval < 1, ...):
-            # the consensus is swapped in; store each rank's own weights, not the consensus.
-            swapped = self._eval_stack is not None
-            self._leave_consensus()
-            try:
-                mine = {
-                    "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
-                    "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
-                    "gossip": self.averager.state_dict(),
-                }
-                everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
-                with collective_guard("the gather of every rank's state for a checkpoint"):
-                    dist.gather_object(mine, everyone, dst=0)
-            finally:
-                if swapped:
-                    self._enter_consensus()
-            if self.is_global_zero:
-                checkpoint = {**checkpoint, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.averager is None or self.world_size == 1 or not dist.is_initialized():
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        assert self.lightning_module is not None
+        # Saved during evaluation (ModelCheckpoint(save_on_train_epoch_end=False), val_check_interval < 1, ...): the
+        # consensus is swapped in; store each rank's own weights, not the consensus.
+        swapped = self._eval_stack is not None
+        self._leave_consensus()
+        try:
+            mine = {
+                "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
+                "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
+                "gossip": self.averager.state_dict(),
+            }
+        finally:
+            if swapped:
+                self._enter_consensus()
+        path = os.fspath(filepath)
+        save_id = self._fresh_save_id()
+        relative = os.path.join(os.path.basename(parts_root(path)), save_id)
+        self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
+        del mine
+        with self._naming_lost_ranks("the barrier after every rank wrote its checkpoint part"):
+            dist.barrier()  # every part is on disk before the main file names them
+        if self.is_global_zero:
+            gossip = {"world_size": self.world_size, "step": self.gossip_step, "parts": relative, "save_id": save_id}
+            super().save_checkpoint({**checkpoint, CHECKPOINT_KEY: gossip}, filepath, storage_options=storage_options)
+            if _is_local_file_protocol(path):
+                remove_old_parts(path, save_id)
+
+    def _fresh_save_id(self) -> str:
+        """A random id from rank 0, the same on every rank (not from torch's generator: training stays bitwise
+        the same with or without saving)."""
+        code = torch.tensor(list(uuid.uuid4().bytes) if self.is_global_zero else [0] * 16, dtype=torch.uint8,
+                            device=self.root_device)
+        with self._naming_lost_ranks("the broadcast of a checkpoint's save id"):
+            dist.broadcast(code, src=0)
+        return bytes(code.cpu().tolist()).hex()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """The main file, plus this rank's part when resuming a fit onto the same number of workers."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        gossip = checkpoint.get(CHECKPOINT_KEY)
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and self._fitting(module.trainer)
+        if isinstance(gossip, dict) and "parts" in gossip and fitting and gossip["world_size"] == self.world_size:
+            part = part_path(os.fspath(checkpoint_path), gossip["parts"], self.global_rank)
+            if not os.path.exists(part) and _is_local_file_protocol(part):
+                raise FileNotFoundError(
+                    f"The checkpoint {os.fspath(checkpoint_path)} names rank {self.global_rank}'s part {part}, which "
+                    f"does not exist: copy the folder {parts_root(os.fspath(checkpoint_path))} along with the file. "
+                    f"(Without parts, resuming onto a different number of workers starts from the consensus model.)"
+                )
+            checkpoint[CHECKPOINT_KEY] = {**gossip, "mine": self.checkpoint_io.load_checkpoint(
+                part, weights_only=weights_only)}
+        return checkpoint
+
+    @staticmethod
+    def _own_state(gossip: Mapping[str, Any], rank: int) -> Mapping[str, Any]:
+        """This rank's saved state: its part, or (checkpoints written before per-rank parts) its entry in the list."""
+        return gossip["mine"] if "mine" in gossip else gossip["ranks"][rank]
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -410,7 +551,7 @@ class GossipStrategy(DDPStrategy):
             super().load_model_state_dict(checkpoint, strict=strict)
             return
         if gossip["world_size"] != self.world_size:
-            step = int(gossip["ranks"][0]["gossip"]["step"])
+            step = int(gossip["step"]) if "step" in gossip else int(gossip["ranks"][0]["gossip"]["step"])
             rank_zero_warn(
                 f"Resuming a gossip checkpoint written by {gossip['world_size']} workers with {self.world_size} "
                 f"workers: per-rank states cannot be mapped onto a different number of workers, so every rank starts "
@@ -422,7 +563,7 @@ class GossipStrategy(DDPStrategy):
             super().load_model_state_dict(checkpoint, strict=strict)
             self._resume_step = step
             return
-        mine = gossip["ranks"][self.global_rank]
+        mine = self._own_state(gossip, self.global_rank)
         check_checkpoint_fits(self.lightning_module, mine["model"], strict)
         self.lightning_module.load_state_dict(mine["model"], strict=strict)
         self._resume_state = mine["gossip"]
@@ -431,12 +572,13 @@ class GossipStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         gossip = checkpoint.get(CHECKPOINT_KEY)
         if gossip is not None and gossip["world_size"] == self.world_size:
-            checkpoint = {**checkpoint, "optimizer_states": gossip["ranks"][self.global_rank]["optimizer_states"]}
+            mine = self._own_state(gossip, self.global_rank)
+            checkpoint = {**checkpoint, "optimizer_states": mine["optimizer_states"]}
         super().load_optimizer_state_dict(checkpoint)
 
     @override
     def barrier(self, name: Optional[str] = None) -> None:
-        with collective_guard(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
+        with self._naming_lost_ranks(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
             super().barrier(name)
 
     @override
@@ -454,6 +596,29 @@ class GossipStrategy(DDPStrategy):
                 description=f"GoSGD gossip strategy with `start_method` '{start_method}'",
                 start_method=start_method,
             )
+
+
+_AT_EXIT_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, before the C++ runtime tears it down.
+
+    A gloo process group still alive at interpreter exit is destroyed by static destructors in no particular order,
+    which now and then ends a finished run with ``terminate called without an active exception`` (exit code -6).
+    Lightning's teardown leaves the group alive (a ``test`` after ``fit`` reuses it), so it is destroyed at exit.
+    """
+    global _AT_EXIT_REGISTERED
+    if _AT_EXIT_REGISTERED:
+        return
+    _AT_EXIT_REGISTERED = True
+
+    def destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            with suppress(Exception):
+                dist.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.

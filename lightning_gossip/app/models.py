@@ -13,7 +13,7 @@ Nothing here knows about gossip: the same module trains with ``ddp``, ``single``
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -137,6 +137,52 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)
 
 
+def factory_as_config(factory: Any) -> Any:
+    """A ``functools.partial``-like factory (Hydra's ``_partial_: true``) as plain data: ``{"_target_": ...,
+    "_partial_": True, **keywords}``.
+
+    Checkpoints store the module's hyper-parameters, and ``torch.load(weights_only=True)`` (Lightning's default when
+    resuming) only reads plain data: a Hydra partial object in them makes every resume fail with UnpicklingError.
+    """
+    if factory is None or isinstance(factory, (dict, str)):
+        return factory
+    func = getattr(factory, "func", factory)
+    target = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+    config: dict[str, Any] = {"_target_": target, "_partial_": True}
+    config.update({k: _plain(v) for k, v in (getattr(factory, "keywords", None) or {}).items()})
+    if getattr(factory, "args", None):
+        config["_args_"] = [_plain(a) for a in factory.args]
+    return config
+
+
+def _plain(value: Any) -> Any:
+    """Config values as Python builtins (OmegaConf containers and tuples included); anything else as its repr."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - the app always has omegaconf
+        pass
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def factory_from_config(factory: Any) -> Any:
+    """The reverse of :func:`factory_as_config`: a ``{"_target_": ..., "_partial_": True}`` mapping becomes the
+    callable again (load_from_checkpoint passes the stored hyper-parameters back to ``__init__``)."""
+    if isinstance(factory, Mapping) and "_target_" in factory:
+        from hydra.utils import instantiate
+
+        return instantiate(dict(factory, _partial_=True))
+    return factory
+
+
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy classification of any ``net``; optimizer/scheduler are partials from the config.
 
@@ -153,9 +199,12 @@ class ClassifierModule(pl.LightningModule):
                  scheduler_interval: str = "epoch") -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
+        # stored as plain data, so that checkpoints load with weights_only=True
+        self.hparams["optimizer"] = factory_as_config(optimizer)
+        self.hparams["scheduler"] = factory_as_config(scheduler)
         self.net = net
-        self.optimizer_factory = optimizer or _default_optimizer
-        self.scheduler_factory = scheduler
+        self.optimizer_factory = factory_from_config(optimizer) or _default_optimizer
+        self.scheduler_factory = factory_from_config(scheduler)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -13,15 +13,21 @@ workers end up with the wrong settings or in the wrong folder. And rank 0 would 
 runs job after job: a job that dies mid-collective leaves that process's distributed state, signal handlers and
 threads behind for the next job.
 
-So this entry point is its own ``torchrun``: when the strategy would re-run the script (popen, several devices), the
-Hydra process only saves the job's fully resolved config to ``<output_dir>/.worker_config.yaml`` and starts ALL
-ranks 0..M-1 as fresh ``python -m lightning_gossip.train`` processes with that file in
-``LIGHTNING_GOSSIP_WORKER_CONFIG`` (no Hydra in them: no argv parsing, no output folders of their own) and
-``LOCAL_RANK``/``NODE_RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` (a free port per job) set, so Lightning
-knows the processes exist. It waits for them, stops the others shortly after one fails, and reads the metrics back
-from ``results.json``, which rank 0 writes. Single runs and multirun jobs take the same path; every job gets fresh
-processes. Single-device runs, and the spawn start method (``strategy.start_method=spawn``, ``strategy=gossip_spawn``,
-whose processes are fresh already), run in the Hydra process as usual.
+So this entry point runs ``torchrun`` as a library: when the strategy would re-run the script (popen, several
+devices), the Hydra process only saves the job's fully resolved config to ``<output_dir>/.worker_config.yaml`` and
+starts torch's elastic agent (:class:`ElasticWorkers`: ``elastic_launch``, a c10d rendezvous on 127.0.0.1 with a free
+port and a fresh run id per job), which starts ALL ranks 0..M-1 as fresh ``python -m lightning_gossip.train``
+processes with that file in ``LIGHTNING_GOSSIP_WORKER_CONFIG`` (no Hydra in them: no argv parsing, no output folders
+of their own) and torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``TORCHELASTIC_RUN_ID``, ...), so
+Lightning knows the processes exist. The agent waits for them, stops the others at once when one fails, and, with
+the top-level config key ``max_restarts`` > 0, restarts the whole group, which resumes from the job's last checkpoint
+(``<output_dir>/checkpoints/last.ckpt``) and finishes the configured epochs. The metrics come back through
+``results.json``, which rank 0 writes. Single runs and multirun jobs take the same path; every job (and every
+restart) gets fresh processes, and a signal (SIGTERM, SIGINT) to the Hydra process stops every worker (SIGTERM, then
+SIGKILL after ``shutdown_timeout`` seconds) and ends it with exit code 128 + the signal's number. Workers die with
+the Hydra process even when it is SIGKILLed. Single-device runs (without ``max_restarts``), and the spawn start
+method (``strategy.start_method=spawn``, ``strategy=gossip_spawn``, whose processes are fresh already), run in the
+Hydra process as usual.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -41,9 +47,13 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_gossip.app.checks import check_config, register_resolvers
+
 log = logging.getLogger("lightning_gossip.train")
 
 WORKER_CONFIG_ENV = "LIGHTNING_GOSSIP_WORKER_CONFIG"
+# the pid of the Hydra process that started a worker: a worker whose parent is gone stops (see _die_with_parent)
+PARENT_PID_ENV = "LIGHTNING_GOSSIP_PARENT_PID"
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 RESULTS_FILE = "results.json"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -52,23 +62,31 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 # ---------------------------------------------------------------------------------------------------------------------
 # worker processes
 # ---------------------------------------------------------------------------------------------------------------------
-class WorkerProcesses:
-    """Run every rank of one job as a fresh ``python -m lightning_gossip.train`` process on this node.
+class ElasticWorkers:
+    """Run every rank of one job as a fresh ``python -m lightning_gossip.train`` process, through torch's elastic agent.
+
+    This is ``torchrun`` used as a library (:func:`torch.distributed.launcher.api.elastic_launch`): a c10d rendezvous
+    on 127.0.0.1 with a free port and a fresh run id per job, ``nproc_per_node`` worker processes, and with
+    ``max_restarts`` > 0 a worker group that is restarted when one of its processes fails. A restarted group resumes
+    from the job's last checkpoint by itself (see :func:`_resume_path`). The Hydra process only starts the agent and
+    waits; the agent stops every worker (SIGTERM, then SIGKILL after ``shutdown_timeout`` seconds) when one fails
+    for good, when it is signalled, or when the job ends.
 
     Args:
         cfg: the job's composed config (resolved and saved for the workers).
         output_dir: the job's folder.
         world_size: number of processes (ranks 0..world_size-1).
-        grace: after the first worker fails, seconds the others get to fail on their own (and say why) before
-            they are stopped.
+        max_restarts: how many times a failed worker group is restarted (0: a failure ends the job).
+        shutdown_timeout: seconds a worker gets to stop after SIGTERM before it is SIGKILLed.
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, world_size: int, grace: float = 10.0) -> None:
+    def __init__(self, cfg: DictConfig, output_dir: Path, world_size: int, max_restarts: int = 0,
+                 shutdown_timeout: int = 30) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.world_size = int(world_size)
-        self.grace = grace
-        self.procs: list[subprocess.Popen] = []
+        self.max_restarts = int(max_restarts)
+        self.shutdown_timeout = int(shutdown_timeout)
         self.config_path = self.output_dir / ".worker_config.yaml"
 
     @staticmethod
@@ -101,71 +119,92 @@ class WorkerProcesses:
                                "the workers of one node only.")
         return launcher.num_processes if launcher.num_processes > 1 else None
 
-    def _env(self, rank: int, port: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and k != "RANK"}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE=str(self.world_size),
-                   LOCAL_RANK=str(rank), **{WORKER_CONFIG_ENV: str(self.config_path)})
-        env.setdefault("OMP_NUM_THREADS", str(self.cfg.get("threads_per_worker") or 1))
+    def _launch_config(self) -> Any:
+        from lightning.fabric.plugins.environments.lightning import find_free_network_port
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+        from torch.distributed.launcher.api import LaunchConfig
+
+        port = find_free_network_port()
+        run_id = f"lightning-gossip-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        return LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=self.world_size, run_id=run_id,
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", local_addr="127.0.0.1",
+            rdzv_configs={"timeout": 600}, max_restarts=self.max_restarts, monitor_interval=0.5,
+            # the agent's own files (error reports) stay in the job's folder, not in /tmp
+            logs_specs=DefaultLogsSpecs(log_dir=str(self.output_dir / ".elastic")),
+            shutdown_timeout=self.shutdown_timeout,
+        )
+
+    def _worker_env(self) -> dict[str, str]:
+        env = {WORKER_CONFIG_ENV: str(self.config_path), PARENT_PID_ENV: str(os.getpid())}
+        # Each attempt of the worker group bootstraps its process group on a store of its own. By default the
+        # workers share the agent's rendezvous store, which outlives a restart: the restarted ranks then read the
+        # previous attempt's addresses (gloo: "Connection refused") and the restart fails.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(self.cfg.get("threads_per_worker") or 1)
         # this package importable in the workers even when it is not installed; they share our working directory
         # (relative paths resolve alike, also with hydra.job.chdir=true)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
         return env
 
     def run(self) -> dict[str, Any]:
-        """Start the ranks, wait for them, and return ``results.json`` (written by rank 0)."""
-        from lightning.fabric.plugins.environments.lightning import find_free_network_port
+        """Start the ranks, wait for them (and their restarts), and return ``results.json`` (written by rank 0)."""
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.launcher.api import elastic_launch
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.cfg, self.config_path, resolve=True)
         results = self.output_dir / RESULTS_FILE
         if results.exists():
             results.unlink()  # a stale file must not pass for this job's result
-        port = find_free_network_port()
-        log.info("starting %d worker processes (ranks 0..%d, port %d) for %s", self.world_size, self.world_size - 1,
-                 port, self.output_dir)
+        config = self._launch_config()
+        log.info("starting %d worker processes (ranks 0..%d, rendezvous %s, max_restarts %d) for %s",
+                 self.world_size, self.world_size - 1, config.rdzv_endpoint, self.max_restarts, self.output_dir)
+        # The agent's worker processes inherit this process's environment; it installs signal handlers of its own
+        # (SIGTERM/SIGINT/SIGHUP/SIGQUIT raise SignalException). Both are put back afterwards: the next job of a
+        # multirun starts from a clean process.
+        handlers = {s: signal.getsignal(s) for s in _HANDLED_SIGNALS}
+        saved_env = dict(os.environ)
         try:
-            for rank in range(self.world_size):
-                cmd = [sys.executable, "-m", "lightning_gossip.train"]
-                self.procs.append(subprocess.Popen(cmd, env=self._env(rank, port)))
-            codes = self._wait()
-        except BaseException:  # KeyboardInterrupt included: never leave workers behind
-            self._terminate()
-            raise
-        if any(codes):
-            failed = ", ".join(f"rank {r}: {_describe(c)}" for r, c in enumerate(codes) if c)
-            raise RuntimeError(f"Worker processes failed ({failed}); their errors are printed above "
-                               f"(config: {self.config_path}).")
+            for key in (*_DIST_ENV, "RANK"):
+                os.environ.pop(key, None)
+            os.environ.update(self._worker_env())
+            elastic_launch(config, sys.executable)("-m", "lightning_gossip.train")
+        except ChildFailedError as err:
+            raise RuntimeError(f"Worker processes failed{_restarts(self.max_restarts)} ({_failures(err.failures)}); "
+                               f"their errors are printed above (config: {self.config_path}).") from None
+        except SignalException as err:
+            # The agent has stopped every worker already (SIGTERM, then SIGKILL after shutdown_timeout).
+            log.error("received %s: stopped the worker processes of %s", err.sigval.name, self.output_dir)
+            # SystemExit, not an Exception: Hydra must not go on with the next job of a multirun.
+            raise SystemExit(128 + int(err.sigval)) from None
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         if not results.exists():
             raise RuntimeError(f"The workers finished but rank 0 wrote no {results}.")
         return json.loads(results.read_text())
 
-    def _wait(self) -> list[int]:
-        first_failure: Optional[float] = None
-        while True:
-            codes = [p.poll() for p in self.procs]
-            if all(c is not None for c in codes):
-                return [int(c) for c in codes]
-            if first_failure is None and any(c not in (None, 0) for c in codes):
-                first_failure = time.monotonic()
-                rank, code = next((r, c) for r, c in enumerate(codes) if c not in (None, 0))
-                log.error("worker rank %d failed (%s); stopping the others in %.0f s unless they stop first",
-                          rank, _describe(code), self.grace)
-            if first_failure is not None and time.monotonic() - first_failure > self.grace:
-                self._terminate()
-                return [int(p.returncode) for p in self.procs]
-            time.sleep(0.2)
 
-    def _terminate(self, patience: float = 10.0) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + patience
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # e.g. Lightning's SIGTERM handler stuck in a collective
-                proc.kill()
-                proc.wait()
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _restarts(max_restarts: int) -> str:
+    return f" after {max_restarts} restart(s)" if max_restarts else ""
+
+
+def _failures(failures: dict[int, Any]) -> str:
+    """The ranks that failed first; those the agent then stopped itself (SIGTERM) are listed apart."""
+    stopped = {rank for rank, f in failures.items() if f.exitcode == -int(signal.SIGTERM)}
+    causes = sorted(set(failures) - stopped) or sorted(stopped)
+    text = ", ".join(f"rank {rank}: {_describe(failures[rank].exitcode)}" for rank in causes)
+    if stopped and causes != sorted(stopped):
+        text += "; stopped after it: " + ", ".join(f"rank {rank}" for rank in sorted(stopped))
+    return text
 
 
 def _describe(code: int) -> str:
@@ -238,12 +277,17 @@ def _strategy_stats(strategy: Any) -> dict[str, Any]:
 
 
 def _checkpoint_info(trainer: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    cb = getattr(trainer, "checkpoint_callback", None)
-    if cb is not None:
-        info = {"checkpoint_dir": str(cb.dirpath) if cb.dirpath else None,
-                "best_checkpoint": cb.best_model_path or None, "last_checkpoint": cb.last_model_path or None}
-    return info
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    if not callbacks:
+        return {}
+    best = next((cb for cb in callbacks if cb.monitor), callbacks[0])
+    # last.ckpt: Lightning's save_last, or a callback of its own that writes "last" every epoch (the app's config)
+    last = next((cb.last_model_path for cb in callbacks if cb.last_model_path), None) or next(
+        (cb.best_model_path for cb in callbacks if not cb.monitor and Path(cb.best_model_path).stem == "last"), None)
+    return {"checkpoint_dir": str(best.dirpath) if best.dirpath else None,
+            "best_checkpoint": best.best_model_path or None, "last_checkpoint": last or None}
 
 
 def _log_dirs(trainer: Any) -> dict[str, str]:
@@ -272,21 +316,73 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     import lightning_gossip  # noqa: F401  (registers the gossip strategies)
 
-    _configure_process(cfg)
     is_worker = WORKER_CONFIG_ENV in os.environ
+    if not is_worker:
+        check_config(cfg)  # wrong types and values, a missing or unreadable ckpt_path: before any process starts
+    _configure_process(cfg)
     if not is_worker:
         if (cfg.get("extras") or {}).get("print_config"):
             print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
-        world_size = WorkerProcesses.world_size_if_needed(cfg)
+        max_restarts = int(cfg.get("max_restarts") or 0)
+        world_size = ElasticWorkers.world_size_if_needed(cfg)
+        if max_restarts and not world_size:
+            world_size = _restartable_single_process(cfg)
         if world_size:
             _check_data(cfg)  # a missing dataset path fails here, before any worker process starts
-            result = WorkerProcesses(cfg, Path(cfg.paths.output_dir), world_size).run()
+            output_dir = Path(cfg.paths.output_dir)
+            _remove_stale_temporary_files(cfg)
+            result = ElasticWorkers(cfg, output_dir, world_size, max_restarts=max_restarts,
+                                    shutdown_timeout=int(cfg.get("shutdown_timeout") or 30)).run()
             hydra_info = _hydra_info()
             if hydra_info:  # the workers run without Hydra: add what only this process knows
                 result.update(hydra_info)
-                (Path(cfg.paths.output_dir) / RESULTS_FILE).write_text(json.dumps(result, indent=2, default=str))
+                (output_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2, default=str))
             return result["metrics"]
     return _fit_and_test(cfg)
+
+
+def _restartable_single_process(cfg: DictConfig) -> int:
+    """max_restarts with a single-process strategy: 1 worker process under the agent (spawn: refused)."""
+    strategy = cfg.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("start_method") not in (None, "popen"):
+        raise ValueError(f"max_restarts={cfg.max_restarts} needs worker processes started by this entry point "
+                         f"(strategy.start_method=popen), got strategy.start_method={strategy.start_method!r}.")
+    return 1
+
+
+def _checkpoint_dirs(cfg: DictConfig) -> list[Path]:
+    """The folders the configured ModelCheckpoint callbacks write to."""
+    dirs = []
+    for callback in (cfg.get("callbacks") or {}).values():
+        if isinstance(callback, DictConfig) and "ModelCheckpoint" in str(callback.get("_target_", "")) \
+                and callback.get("dirpath"):
+            dirs.append(Path(str(callback.dirpath)))
+    return list(dict.fromkeys(dirs))
+
+
+def _remove_stale_temporary_files(cfg: DictConfig) -> None:
+    """Before the workers start nobody writes checkpoints: a temporary file left there is a dead writer's."""
+    for folder in _checkpoint_dirs(cfg):
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            log.warning("removing %s, left by a checkpoint save that did not finish", stale)
+            stale.unlink(missing_ok=True)
+
+
+def _resume_path(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint this worker starts from.
+
+    A worker group restarted by the elastic agent (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest
+    ``last*.ckpt`` in the job's checkpoint folders (Lightning's ``ckpt_path="last"``); when the job wrote none yet,
+    from the configured ``ckpt_path``, like the first attempt.
+    """
+    configured = cfg.get("ckpt_path")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        found = [p for d in _checkpoint_dirs(cfg) if d.is_dir() for p in d.glob("last*.ckpt")]
+        if found:
+            log.warning("restart %s of the worker group: resuming from the job's last checkpoint (%s)",
+                        os.environ["TORCHELASTIC_RESTART_COUNT"], max(found, key=lambda p: p.stat().st_mtime))
+            return "last"
+    return None if configured is None else str(configured)
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -300,6 +396,7 @@ def _check_data(cfg: DictConfig) -> None:
 def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -310,7 +407,12 @@ def _fit_and_test(cfg: DictConfig) -> dict[str, Any]:
                           logger=instantiate_loggers(cfg.get("logger")) or False)
 
     start = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    except SIGTERMException as err:
+        # Lightning ends a fit stopped by SIGTERM with SystemExit() (exit code 0): the job did not finish, and an
+        # elastic agent or a scheduler must not count it as a success.
+        raise SystemExit(128 + int(signal.SIGTERM)) from err
     metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         results = trainer.test(model, datamodule=datamodule, verbose=False)
@@ -366,9 +468,28 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _worker_main(path: str) -> None:
     """A worker process (any rank): run the job's resolved config without Hydra (no argv parsing, no folders)."""
+    _die_with_parent()
     cfg = OmegaConf.load(path)
-    assert isinstance(cfg, DictConfig)
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"{path} does not hold a job config (a mapping), got {type(cfg).__name__}.")
     run(cfg)
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the process that started it dies, even by SIGKILL (no orphans)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before the prctl: then nobody would send the signal.
+    if os.getppid() != int(parent):
+        os._exit(128 + int(signal.SIGKILL))
 
 
 def main() -> None:
@@ -378,6 +499,8 @@ def main() -> None:
     import hydra
 
     from lightning_gossip.app.config_source import CONFIG_NAME, config_path
+
+    register_resolvers()
 
     # the configs shipped in the package (or a checkout's conf/); add your own with --config-dir
     @hydra.main(version_base="1.3", config_path=config_path(), config_name=CONFIG_NAME)

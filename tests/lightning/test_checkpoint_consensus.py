@@ -46,14 +46,16 @@ def test_checkpoint_is_the_consensus_and_carries_every_ranks_state(tmp_path):
     assert not torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), initial)
 
     # and what is needed to resume: each rank's own weights, optimizer state, gossip weight and schedule position
+    # (per-rank parts beside the main file, named by it: the main file holds one model, whatever the world size)
     gossip = ckpt["gossip"]
-    assert gossip["world_size"] == 2 and len(gossip["ranks"]) == 2
-    rank_states = [r["model"] for r in gossip["ranks"]]
+    assert gossip["world_size"] == 2 and gossip["step"] == 8 and "ranks" not in gossip
+    parts = [torch.load(tmp_path / gossip["parts"] / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    rank_states = [r["model"] for r in parts]
     assert any(not torch.equal(rank_states[0][k], rank_states[1][k]) for k in rank_states[0])
-    weights = [r["gossip"]["weight"] for r in gossip["ranks"]]
+    weights = [r["gossip"]["weight"] for r in parts]
     assert abs(sum(weights) - 1.0) < 1e-12
-    assert {r["gossip"]["step"] for r in gossip["ranks"]} == {8}  # 128 samples / 2 ranks / batch 8
-    assert all(len(r["optimizer_states"]) == 1 for r in gossip["ranks"])
+    assert {r["gossip"]["step"] for r in parts} == {8}  # 128 samples / 2 ranks / batch 8
+    assert all(len(r["optimizer_states"]) == 1 for r in parts)
 
     # the consensus is the gossip-weighted mean of the ranks' models
     for name in rank_states[0]:

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import SCRIPTS
 from tests.helpers.processes import Run, run_script, script_env
-
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 # 80 samples, batch 8, 2 workers: 5 optimizer steps per epoch (3 workers: 27 samples each, 4 steps). With p=0.4 and
 # the script's seed the last step of epoch 1 has exactly one message (rank 0 -> rank 1) with 2 workers: the workers'
@@ -90,10 +89,11 @@ def _other_filesystem_tmpdir(near: Path) -> str | None:
 @pytest.fixture(scope="session")
 def killed_in_save_run(tmp_path_factory) -> tuple[Path, Run]:
     out = tmp_path_factory.mktemp("killed_in_save")
-    # Writes in the checkpoint directory: epoch0.ckpt, last.ckpt (end of epoch 1), epoch1.ckpt, last.ckpt (epoch 2):
-    # rank 0 dies just after opening the file of the 4th, the overwrite of last.ckpt.
+    # Rank 0's writes in the checkpoint directory, each a per-rank part then the main file: epoch0.ckpt, last.ckpt (end
+    # of epoch 1), epoch1.ckpt, last.ckpt (epoch 2): rank 0 dies just after opening the 8th file, the overwrite of
+    # last.ckpt (its part for the new save is written already).
     plan = [{"name": "killed", "epochs": 3, "ckpt_dir": str(out / "ck"), "save_last": True}]
-    extra = ("--kill-in-save", "4", "--timeout-s", str(FAULT_TIMEOUT_S))
+    extra = ("--kill-in-save", "8", "--timeout-s", str(FAULT_TIMEOUT_S))
     # Lightning's own writer goes through the system temp dir and moves the file into place; on another filesystem
     # that move is a copy into last.ckpt itself. Put TMPDIR on another filesystem so that case is what is tested.
     tmpdir = _other_filesystem_tmpdir(out)

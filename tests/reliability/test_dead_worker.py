@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from tests.helpers.distributed import free_port
 from tests.reliability.conftest import FAULT_TIMEOUT_S, STEPS_PER_EPOCH, STEPS_PER_EPOCH_3
-from tests.reliability.test_resume import assert_same_rank_state, load
+from tests.reliability.test_resume import assert_same_rank_state, load, rank_parts
 from tests.reliability.workers import fault_worker
 
 # Start-up and shutdown of a Lightning process tree on 2 busy cores, on top of the configured timeout.
@@ -94,7 +94,8 @@ def test_lightning_worker_killed_mid_training(dead_worker_run) -> None:
     assert not list(out.glob("dead_rank*.pt"))  # nobody finished training
     # The checkpoint written before the fault is intact (it is resumed onto 2 workers in test_resume).
     checkpoint = torch.load(out / "ck" / "epoch0.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == STEPS_PER_EPOCH_3 and len(checkpoint["gossip"]["ranks"]) == 3
+    assert checkpoint["global_step"] == STEPS_PER_EPOCH_3 and checkpoint["gossip"]["world_size"] == 3
+    assert len(rank_parts(out / "ck" / "epoch0.ckpt")) == 3
 
 
 def test_rank0_killed_while_overwriting_last_checkpoint(killed_in_save_run) -> None:
@@ -108,7 +109,7 @@ def test_rank0_killed_while_overwriting_last_checkpoint(killed_in_save_run) -> N
     assert run.ended_at - _fault_time(out) < FAULT_TIMEOUT_S + SLACK_S
     checkpoint = torch.load(out / "ck" / "last.ckpt", weights_only=False)  # loads: not torn
     assert checkpoint["global_step"] == STEPS_PER_EPOCH and checkpoint["epoch"] == 0
-    assert len(checkpoint["gossip"]["ranks"]) == 2
+    assert checkpoint["gossip"]["world_size"] == 2 and len(rank_parts(out / "ck" / "last.ckpt")) == 2
     assert sorted(p.name for p in (out / "ck").glob("*.ckpt")) == ["epoch0.ckpt", "epoch1.ckpt", "last.ckpt"]
     # What the crash left is a hidden temporary file next to it, never a partial last.ckpt.
     leftovers = [p.name for p in (out / "ck").iterdir() if p.name.startswith(".last.ckpt.")]
@@ -124,27 +125,26 @@ def test_resume_after_crash_is_exact(first_runs: Path, resumes) -> None:
         assert_same_rank_state(load(first_runs, "full", rank), resumed, f"rank {rank}")
 
 
-def test_process_observer_names_the_lost_rank(capfd) -> None:
-    """The launcher: a worker that died is reported by rank (gossip's reporter), then every process is stopped
-    (Lightning's observer)."""
-    from lightning_gossip._lightning_compat import _ChildProcessObserver
-    from lightning_gossip.launchers import _LostWorkerReporter
+def test_launcher_reports_the_lost_worker_not_the_ones_it_stops(capfd) -> None:
+    """Rank 0 fails because a worker died and stops the others: the dead one is reported as lost, by rank and pid,
+    and the live one it then kills is not (a message must never name a live rank as lost)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_gossip.launchers import GossipSubprocessScriptLauncher
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    main, alive, dead = (subprocess.Popen(sleeper) for _ in range(3))  # main stands in for rank 0
+    suicide = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    alive, dead = subprocess.Popen(sleeper), subprocess.Popen(suicide)  # ranks 1 and 2
     try:
-        dead.kill()
-        dead.wait(timeout=10)
-        reporter = _LostWorkerReporter([alive, dead], interval=0.05)
-        reporter.start()
-        reporter.join(timeout=10)
-        assert not reporter.is_alive()
-        observer = _ChildProcessObserver(main_pid=main.pid, child_processes=[alive, dead])
-        assert observer._run() is True
-        assert main.wait(timeout=10) == -9 and alive.wait(timeout=10) == -9
+        dead.wait(timeout=30)
+        launcher = GossipSubprocessScriptLauncher(LightningEnvironment(), 3, 1, before_launch=lambda trainer: None)
+        launcher.procs = [alive, dead]
+        launcher.stop_children()
+        assert alive.wait(timeout=10) == -9
     finally:
-        for proc in (main, alive, dead):
+        for proc in (alive, dead):
             proc.kill()
             proc.wait()
     err = capfd.readouterr().err
     assert f"GossipStrategy: lost worker rank 2 (pid {dead.pid}, signal SIGKILL)" in err, err
+    assert "lost worker rank 1" not in err, err

@@ -23,6 +23,13 @@ def load(directory: Path, name: str, rank: int) -> dict:
     return torch.load(directory / f"{name}_rank{rank}.pt", weights_only=False)
 
 
+def rank_parts(path: Path) -> list[dict]:
+    """Every rank's own saved state: the parts the main checkpoint file names (``<file>.parts/<id>/rank<r>.pt``)."""
+    gossip = torch.load(path, weights_only=True)["gossip"]
+    folder = Path(path).parent / gossip["parts"]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(gossip["world_size"])]
+
+
 def message_weight(message: torch.Tensor) -> float:
     return float(message[:32].view(torch.float64)[0])
 
@@ -47,7 +54,7 @@ def test_resume_is_exact(first_runs: Path, resumes, prefix: str) -> None:
     checkpoint = torch.load(first_runs / f"ck_{prefix}first" / "epoch0.ckpt", weights_only=False)
     # The resumed checkpoint is the one written at the end of epoch 1.
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == STEPS_PER_EPOCH
-    ranks = checkpoint["gossip"]["ranks"]
+    ranks = rank_parts(first_runs / f"ck_{prefix}first" / "epoch0.ckpt")
     assert [r["gossip"]["step"] for r in ranks] == [STEPS_PER_EPOCH] * WORKERS
     # Only meaningful if the workers' models differ at the save (saving one model for all would then fail).
     assert not torch.equal(ranks[0]["model"]["net.0.weight"], ranks[1]["model"]["net.0.weight"])
@@ -74,15 +81,14 @@ def test_resume_is_exact(first_runs: Path, resumes, prefix: str) -> None:
         assert_same_rank_state(full, resumed, f"rank {rank}")
         assert not any("workers with" in w for w in resumed["warnings"])
     # Stopping after 1 epoch wrote the same checkpoint as the 2-epoch run did after its first epoch.
-    same_epoch = torch.load(first_runs / f"ck_{prefix}full" / "epoch0.ckpt", weights_only=False)["gossip"]["ranks"]
+    same_epoch = rank_parts(first_runs / f"ck_{prefix}full" / "epoch0.ckpt")
     for rank in range(WORKERS):
         for key, value in ranks[rank]["model"].items():
             assert torch.equal(same_epoch[rank]["model"][key], value), key
 
 
 def test_overlap_checkpoint_stores_in_flight_message_with_receiver(first_runs: Path, resumes) -> None:
-    checkpoint = torch.load(first_runs / "ck_ov_first" / "epoch0.ckpt", weights_only=False)
-    gossip = [r["gossip"] for r in checkpoint["gossip"]["ranks"]]
+    gossip = [r["gossip"] for r in rank_parts(first_runs / "ck_ov_first" / "epoch0.ckpt")]
     # Step 4 (the last of epoch 1): rank 0 pushed to rank 1; overlap mixes it in after step 5's update.
     assert gossip[0]["in_flight"] == [] and gossip[0]["staleness"] == gossip[1]["staleness"] == 1
     assert [(step, src) for step, src, _ in gossip[1]["in_flight"]] == [(STEPS_PER_EPOCH - 1, 0)]
@@ -139,8 +145,7 @@ def test_checkpoint_from_another_model_fails_clearly(resumes) -> None:
 
 
 def test_staleness_checkpoint_stores_the_exchanges_of_the_last_k_steps(first_runs: Path, resumes) -> None:
-    checkpoint = torch.load(first_runs / "ck_st_first" / "epoch0.ckpt", weights_only=False)
-    gossip = [r["gossip"] for r in checkpoint["gossip"]["ranks"]]
+    gossip = [r["gossip"] for r in rank_parts(first_runs / "ck_st_first" / "epoch0.ckpt")]
     assert [g["staleness"] for g in gossip] == [3, 3]
     saved = [[(step, src) for step, src, _ in g["in_flight"]] for g in gossip]
     steps = {step for per_rank in saved for step, _ in per_rank}

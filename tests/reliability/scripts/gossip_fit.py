@@ -8,7 +8,13 @@ name and epochs optional). For every fit each
 rank writes ``OUT/{name}_rank{r}.pt`` with what it held at the start and at the end of the fit: every tensor of the
 model, the gossip weight, the schedule position, the message in flight, counters, optimizer state and the warnings.
 
-Faults (for the tests of dead workers):
+Faults (for the tests of dead workers and preemption):
+  --sleep-in-save N --sleep-s S rank 0 sleeps S seconds when it starts writing its part of the N-th checkpoint save
+                                (after noting OUT/in_save.txt), so a signal sent then lands inside the save; every rank
+                                notes its pid in OUT/pid_rank{r}.txt when training starts.
+  --kill-in-validation R        rank R sends itself SIGKILL at the first batch of the 2nd validation (after the
+                                consensus was swapped in; the others then fail in Lightning's sync_dist reduction).
+  --uneven K                    rank r trains on a shard of n + K*r samples (no DistributedSampler): uneven epochs.
   --kill-rank R --kill-step S   rank R sends itself SIGKILL right after optimizer step S (global step S+1 done).
   --kill-in-save N              rank 0 sends itself SIGKILL just after it opens its N-th file for writing inside a
                                 checkpoint directory (a crash in the middle of writing a checkpoint).
@@ -111,6 +117,40 @@ def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
     builtins.open = open_
 
 
+class KillInValidation(L.Callback):
+    def __init__(self, out: str, rank: int) -> None:
+        self.out, self.rank = out, rank
+
+    def on_validation_batch_start(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == 1 and not trainer.sanity_checking:
+            die(self.out, f"rank {self.rank} killed in validation")
+
+
+class SleepInSave(L.Callback):
+    def __init__(self, out: str, nth: int, sleep_s: float) -> None:
+        self.out, self.nth, self.sleep_s = out, nth, sleep_s
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        io = trainer.strategy.checkpoint_io
+        write, saves = io.save_checkpoint, [0]
+
+        def slow_write(checkpoint, path, storage_options=None):
+            if trainer.global_rank == 0 and ".parts" in str(path):  # the first write of a save: rank 0's part
+                saves[0] += 1
+                if saves[0] == self.nth:
+                    with open(os.path.join(self.out, "in_save.txt"), "w") as f:
+                        f.write(f"{time.time()}\n{path}\n")
+                    print(f"SLEEP: rank 0 sleeps {self.sleep_s} s in save {self.nth} ({path})", flush=True)
+                    time.sleep(self.sleep_s)
+            return write(checkpoint, path, storage_options=storage_options)
+
+        io.save_checkpoint = slow_write
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.out, f"pid_rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 def snapshot(trainer) -> dict:
     s = trainer.strategy
     module = trainer.lightning_module
@@ -152,6 +192,10 @@ def main() -> None:
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-step", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--sleep-in-save", type=int, default=None)
+    parser.add_argument("--sleep-s", type=float, default=8.0)
+    parser.add_argument("--uneven", type=int, default=0)
+    parser.add_argument("--kill-in-validation", type=int, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -186,6 +230,10 @@ def main() -> None:
             )
         if args.kill_rank is not None:
             callbacks.append(KillAtStep(args.out, args.kill_rank, args.kill_step))
+        if args.kill_in_validation is not None:
+            callbacks.append(KillInValidation(args.out, args.kill_in_validation))
+        if args.sleep_in_save is not None:
+            callbacks.append(SleepInSave(args.out, args.sleep_in_save, args.sleep_s))
         trainer = L.Trainer(
             accelerator="cpu",
             devices=args.devices,
@@ -198,14 +246,19 @@ def main() -> None:
             enable_model_summary=False,
             num_sanity_val_steps=0,
             deterministic=True,
+            use_distributed_sampler=not args.uneven,
         )
         model = Net(hidden=run.get("hidden", 16))
         data = Blobs(args.n)
+        train_data = data
+        if args.uneven:
+            rank = int(os.environ.get("LOCAL_RANK", "0"))
+            train_data = torch.utils.data.Subset(data, range(min(len(data), args.n // 2 + args.uneven * rank)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(
                 model,
-                DataLoader(data, batch_size=args.batch, shuffle=True),
+                DataLoader(train_data, batch_size=args.batch, shuffle=True),
                 DataLoader(data, batch_size=48),
                 ckpt_path=run.get("resume"),
             )
