@@ -315,9 +315,11 @@ class GossipFabricStrategy(DDPStrategy):
         gossip weight 1/M', and the schedule going on from the saved step (a warning says so). Without a set-up
         model (or ``state`` not a dict) this is Fabric's plain loading: the model entry is the consensus.
         """
+        # Lightning < 2.5 has no `weights_only` here (nor in TorchCheckpointIO): pass it only when it is given
+        extra = {} if weights_only is None else {"weights_only": weights_only}
         if not isinstance(state, dict) or not state or self.averager is None:
-            return super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+            return super().load_checkpoint(path, state=state, strict=strict, **extra)
+        checkpoint = self.checkpoint_io.load_checkpoint(path, **extra)
         gossip = checkpoint.pop(CHECKPOINT_KEY, None)
         resume: Optional[dict[str, Any]] = None
         if gossip is not None and gossip["world_size"] == self.world_size:

@@ -4,8 +4,9 @@ processes), and the harness in ``tests/helpers`` (``distributed.run_distributed`
 
 ``lightning_compat``: the tests CI also runs against the lowest Lightning version pyproject.toml allows (.ci/run's
 second virtual environment): tests/compat (a popen-launched fit with per-rank checkpoints and an exact resume with each
-Lightning package), tests/lightning/test_lightning_compat.py (Lightning's private names, the SIGTERM throttle), the
-spawn/fork launchers' checkpoint test and the torchrun launch. Marked here by path or test name so that those files
+Lightning package), tests/fabric (the Fabric strategy: a user's loop, save/load round trip),
+tests/lightning/test_lightning_compat.py (Lightning's private names, the SIGTERM throttle), the spawn/fork launchers'
+checkpoint test and the torchrun launch. Marked here by path or test name so that those files
 need no change; chosen to keep that run to a few minutes.
 """
 
@@ -28,6 +29,7 @@ _TESTS = Path(__file__).resolve().parent
 # folders, files, or file::test-function (every parametrization of it)
 LIGHTNING_COMPAT = (
     "compat",
+    "fabric",
     "lightning/test_lightning_compat.py",
     "lightning/test_checkpoint_consensus.py",
     "lightning/test_trainer_runs.py::test_torchrun_launch",

@@ -185,11 +185,22 @@ def test_private_attributes_read_at_run_time():
     assert "_backward_sync_control" in vars(fabric_ddp) and "_checkpoint_io" in vars(fabric_ddp)
     assert "self._strategy._backward_sync_control.no_backward_sync(" in inspect.getsource(fabric_module)
     assert "self._checkpoint_io" in inspect.getsource(FabricDDPStrategy.checkpoint_io.fget)
+    # _lightning_compat.make_sigterm_handler_local replaces the signal connector's SIGTERM handler before Lightning
+    # registers it, and sets the flag Lightning checks at step boundaries
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    connector_class = signal_connector._SignalConnector
+    assert callable(getattr(connector_class, "_sigterm_notifier_fn", None))
+    assert "self._sigterm_notifier_fn" in inspect.getsource(connector_class.register_signal_handlers)
     # lightning_gossip.app.data reads whether Lightning adds its DistributedSampler
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", devices=1, use_distributed_sampler=False, logger=False)
     assert trainer._accelerator_connector.use_distributed_sampler is False
+    connector = trainer._signal_connector
+    assert isinstance(connector, connector_class) and connector.received_sigterm is False
+    connector.received_sigterm = True
+    assert trainer.received_sigterm is True  # the flag the fit loop checks is the connector's
 
 
 def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_path):
