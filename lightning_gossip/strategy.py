@@ -341,11 +341,6 @@ class GossipStrategy(DDPStrategy):
             raise peer_lost_error(self.global_rank, gone, what, cause) from cause
 
     @override
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        with self._naming_lost_ranks("the reduction of a logged value (sync_dist)"):
-            return super().reduce(tensor, group=group, reduce_op=reduce_op)
-
-    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         with self._naming_lost_ranks(f"a broadcast from rank {src} (e.g. ModelCheckpoint's decision)"):
             return super().broadcast(obj, src=src)
@@ -419,7 +414,8 @@ class GossipStrategy(DDPStrategy):
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         if self._in_training_step:
             async_support.refuse_step_collective("A reduction over ranks (self.log(..., sync_dist=True) on step)")
-        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        with self._naming_lost_ranks("the reduction of a logged value (sync_dist)"):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _enter_consensus(self) -> None:

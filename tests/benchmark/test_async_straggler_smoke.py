@@ -1,4 +1,5 @@
-"""The asynchronous straggler suite runs end to end (tiny model and data, 2 workers): a smoke test, not a measurement."""
+"""The asynchronous straggler suite runs end to end (tiny model and data, 2 workers): a smoke test, not a
+measurement."""
 
 import json
 import os
