@@ -541,7 +541,9 @@ class GossipStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """The main file, plus this rank's part when resuming a fit onto the same number of workers."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # Lightning < 2.5 has no `weights_only` here (nor in TorchCheckpointIO): pass it only when it is given
+        extra = {} if weights_only is None else {"weights_only": weights_only}
+        checkpoint = super().load_checkpoint(checkpoint_path, **extra)
         gossip = checkpoint.get(CHECKPOINT_KEY)
         module = self.lightning_module
         fitting = module is not None and module._trainer is not None and self._fitting(module.trainer)
@@ -553,8 +555,7 @@ class GossipStrategy(DDPStrategy):
                     f"does not exist: copy the folder {parts_root(os.fspath(checkpoint_path))} along with the file. "
                     f"(Without parts, resuming onto a different number of workers starts from the consensus model.)"
                 )
-            checkpoint[CHECKPOINT_KEY] = {**gossip, "mine": self.checkpoint_io.load_checkpoint(
-                part, weights_only=weights_only)}
+            checkpoint[CHECKPOINT_KEY] = {**gossip, "mine": self.checkpoint_io.load_checkpoint(part, **extra)}
         return checkpoint
 
     @staticmethod
