@@ -34,13 +34,13 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
+from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts
+from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 
-CHECKPOINT_KEY = "gossip"
 
 
 class _NothingToSkip:
@@ -51,7 +51,7 @@ class _NothingToSkip:
         return nullcontext()
 
 
-class GossipFabricStrategy(DDPStrategy):
+class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     """Decentralized data-parallel training with GoSGD (sum-weight gossip) for Lightning Fabric.
 
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
@@ -124,22 +124,6 @@ class GossipFabricStrategy(DDPStrategy):
         self._backward_sync_control = _NothingToSkip()
         self.averager: Optional[GossipAverager] = None
         self._optimizers: list[Optimizer] = []
-
-    # -- read-outs ------------------------------------------------------------------------------------------------
-    @property
-    def gossip_weight(self) -> float:
-        """This rank's gossip weight a_i (float64). Over all ranks (and messages in flight) they sum to 1."""
-        return self.averager.weight if self.averager is not None else 1.0 / max(1, self.world_size)
-
-    @property
-    def counters(self) -> GossipCounters:
-        """Messages and bytes this rank sent and received, rejected messages, gossip steps taken."""
-        return self.averager.counters if self.averager is not None else GossipCounters()
-
-    @property
-    def gossip_step(self) -> int:
-        """The schedule position: how many gossip steps (optimizer steps) this rank has taken."""
-        return self.averager.step_count if self.averager is not None else 0
 
     # -- launching and setup --------------------------------------------------------------------------------------
     @override

@@ -47,7 +47,8 @@ from lightning_gossip.checkpoint_io import (
     parts_root,
     remove_old_parts,
 )
-from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
+from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts
+from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
@@ -57,10 +58,9 @@ from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubp
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "gossip"
 
 
-class GossipStrategy(DDPStrategy):
+class GossipStrategy(DDPStrategy, AveragerReadouts):
     """Decentralized data-parallel training with GoSGD (sum-weight gossip).
 
     Every rank trains its own copy of the model on its own shard of the data. There is no gradient all-reduce:
@@ -184,21 +184,6 @@ class GossipStrategy(DDPStrategy):
     def overlap(self) -> bool:
         """Whether exchanges are mixed in later than they are posted (``staleness >= 1``)."""
         return self.options.overlap
-
-    @property
-    def gossip_weight(self) -> float:
-        """This rank's gossip weight a_i (float64). Over all ranks (and messages in flight) they sum to 1."""
-        return self.averager.weight if self.averager is not None else 1.0 / max(1, self.world_size)
-
-    @property
-    def counters(self) -> GossipCounters:
-        """Messages and bytes this rank sent and received, rejected messages, gossip steps taken."""
-        return self.averager.counters if self.averager is not None else GossipCounters()
-
-    @property
-    def gossip_step(self) -> int:
-        """The schedule position: how many gossip steps this rank has taken."""
-        return self.averager.step_count if self.averager is not None else 0
 
     # -- launching ------------------------------------------------------------------------------------------------
     @override
