@@ -39,19 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gossip.gossip.errors import GossipPeerError, collective_guard, peer_lost_error
+from lightning_gossip.gossip.counters import GossipCounters
+from lightning_gossip.gossip.errors import GossipPeerError, NonFiniteGossipError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.schedule import _STREAM_PEER, _STREAM_SEND, uniform
 from lightning_gossip.gossip.state import GossipState
 from lightning_gossip.gossip.topology import RandomPeer, resolve_topology
-
-try:  # the architecture refactor moves these; keep working on both sides of it
-    from lightning_gossip.gossip.counters import GossipCounters  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - before the refactor
-    from lightning_gossip.gossip.exchange import GossipCounters
-try:
-    from lightning_gossip.gossip.errors import NonFiniteGossipError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - before the refactor
-    from lightning_gossip.gossip.exchange import NonFiniteGossipError
 
 # Header slot 3 (reserved in GossipState's layout) says what a message is.
 _KIND_SLOT = 3
