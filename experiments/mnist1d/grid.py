@@ -17,6 +17,8 @@ batch 32, ``--steps`` optimizer steps per worker, one thread per worker):
 - ``exploration`` (claim 2): the same gossip p and DDP on label-skewed shards (Dirichlet alpha 0.3 per class);
   the IID runs are those of ``equivalence``.
 - ``topology``: random peer, ring and exponential graph at p = 0.05 (``--p`` for others), IID and label-skewed.
+- ``asynchronous``: the asynchronous mode (``gossip_async``) at p in {0.1, 0.5, 1}, IID; the lock-step runs at the
+  same p are those of ``equivalence``.
 - ``peers``: the independent libraries on the same data/model/steps/workers: torch ``PeriodicModelAverager``
   (Local SGD), torchft ``LocalSGD`` and ``DiLoCo`` (every ``--period`` steps), plus the project's own Lightning path
   (``python -m lightning_gossip.train``) for gossip p=0.1 and Lightning's DDP (``strategy=ddp``), and hand-loop
@@ -46,7 +48,9 @@ EQUIV_P = (0.0, 0.01, 0.1, 0.5, 1.0)
 
 def _name(cfg: RunConfig) -> str:
     parts = [cfg.method, f"M{cfg.workers}", cfg.split]
-    if cfg.method in ("gossip", "lightning_gossip"):
+    if cfg.model != "mlp":  # the MLP runs keep their original names
+        parts.insert(1, cfg.model)
+    if cfg.method in ("gossip", "gossip_async", "lightning_gossip"):
         parts += [f"p{cfg.p:g}", cfg.topology]
     if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco"):
         parts.append(f"H{cfg.period}")
@@ -98,9 +102,15 @@ def runs_peers(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[
     return out
 
 
+def runs_asynchronous(base: RunConfig, workers: list[int], seeds: list[int],
+                      ps: tuple[float, ...] = (0.1, 0.5, 1.0)) -> list[RunConfig]:
+    """The asynchronous mode at the p of the lock-step runs of ``equivalence`` (their JSONs are the comparison)."""
+    return [replace(base, method="gossip_async", workers=m, seed=s, p=p) for m in workers for p in ps for s in seeds]
+
+
 SWEEPS: dict[str, Callable[..., list[RunConfig]]] = {
     "equivalence": runs_equivalence, "exploration": runs_exploration, "topology": runs_topology,
-    "peers": runs_peers,
+    "peers": runs_peers, "asynchronous": runs_asynchronous,
 }
 
 
@@ -110,7 +120,7 @@ SWEEPS: dict[str, Callable[..., list[RunConfig]]] = {
 def lightning_command(cfg: RunConfig, run_dir: Path) -> list[str]:
     strategy = ["strategy=gossip", f"strategy.p={cfg.p}", f"strategy.topology={cfg.topology}"] \
         if cfg.method == "lightning_gossip" else ["strategy=ddp"]
-    return [sys.executable, "-m", "lightning_gossip.train", "data=mnist1d", "model=mnist1d_mlp", *strategy,
+    return [sys.executable, "-m", "lightning_gossip.train", "data=mnist1d", f"model=mnist1d_{cfg.model}", *strategy,
             f"trainer.devices={cfg.workers}", f"++trainer.max_steps={cfg.steps}", "trainer.max_epochs=-1",
             f"data.batch_size={cfg.batch_size}", f"data.split={cfg.split}", f"data.alpha={cfg.alpha}",
             f"model.optimizer.lr={cfg.lr}", f"model.optimizer.momentum={cfg.momentum}", f"seed={cfg.seed}",
@@ -164,13 +174,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--period", type=int, default=8, help="Local SGD / DiLoCo: steps between averages")
     parser.add_argument("--p", default=None, help="comma-separated gossip p values (default: the sweep's own)")
     parser.add_argument("--only", default=None, help="run only runs whose name contains this (e.g. gossip_M4)")
+    parser.add_argument("--exclude", default=None,
+                        help="comma-separated: skip runs whose name contains any of these (e.g. lightning_)")
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="the paper's MLP or its 1-D CNN")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--out", default=str(RUNS))
     parser.add_argument("--num-samples", type=int, default=20000)
     parser.add_argument("--list", action="store_true", help="print the runs and whether they are done")
     args = parser.parse_args(argv)
-    base = RunConfig(steps=args.steps, eval_every=args.eval_every, period=args.period, num_samples=args.num_samples)
+    base = RunConfig(steps=args.steps, eval_every=args.eval_every, period=args.period, num_samples=args.num_samples,
+                     model=args.model)
+    excluded = [e for e in (args.exclude or "").split(",") if e]
     workers = [int(w) for w in args.workers.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = {"ps": tuple(float(p) for p in args.p.split(","))} if args.p else {}
@@ -180,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     todo = []
     for cfg in runs:
         name = _name(cfg)
-        if args.only and args.only not in name:
+        if (args.only and args.only not in name) or any(e in name for e in excluded):
             continue
         out = out_dir / f"{name}.json"
         if args.list:

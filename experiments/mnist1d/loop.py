@@ -5,6 +5,11 @@ evaluation are the same code for all of them:
 
 - ``gossip``: the project's plain-torch core, :class:`lightning_gossip.gossip.GossipAverager` (what the Lightning
   strategy wraps), with probability ``p`` and a ``topology``; ``p=0`` never communicates.
+- ``gossip_async``: the same averager in its asynchronous mode (``asynchronous=True``: messages are sent and mixed
+  in whenever they arrive, nobody waits for a peer). Every worker still takes ``steps`` steps, and each evaluation
+  brings the messages in flight home first (the exact consensus needs them), so the workers meet every
+  ``eval_every`` steps: this compares the *accuracy* of the two modes at equal steps; their speed with stragglers
+  is measured by ``experiments/benchmark/async_straggler.py``.
 - ``ddp``: torch's ``DistributedDataParallel`` (gradients all-reduced every step).
 - ``local_sgd``: torch's ``PeriodicModelAverager`` (``torch.distributed.algorithms.model_averaging``): Local SGD,
   parameters averaged every ``period`` steps. It skips parameters whose ``.grad`` is None, so it runs after
@@ -45,7 +50,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("gossip", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
+METHODS = ("gossip", "gossip_async", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
 
 
 @dataclass
@@ -150,10 +155,12 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
     averager = None
     ft = None
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.method == "gossip":
+    gossip = cfg.method in ("gossip", "gossip_async")
+    if gossip:
         from lightning_gossip.gossip import GossipAverager
 
-        averager = GossipAverager(net, p=cfg.p, topology=cfg.topology, seed=cfg.seed, mix_buffers=False)
+        averager = GossipAverager(net, p=cfg.p, topology=cfg.topology, seed=cfg.seed, mix_buffers=False,
+                                  asynchronous=cfg.method == "gossip_async")
     elif cfg.method == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -164,7 +171,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
         averager = PeriodicModelAverager(period=cfg.period, warmup_steps=0)
     elif cfg.method.startswith("torchft"):
         ft = _torchft_setup(cfg, net, opt, rank, world, lighthouse)
-    if world > 1 and cfg.method not in ("gossip", "ddp"):
+    if world > 1 and not gossip and cfg.method != "ddp":
         for p in params:  # the same start everywhere (gossip and DDP broadcast rank 0's model themselves)
             dist.broadcast(p.data, src=0)
 
@@ -195,7 +202,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
         """(acc, loss, consensus distance) of the consensus; every rank's own model is left untouched."""
         if world == 1:
             return (*_accuracy(net, x, y), 0.0)
-        if cfg.method == "gossip":
+        if gossip:
             with averager.consensus_swapped_in() as distance:
                 acc, loss = _accuracy(net, x, y)
             return acc, loss, float(distance)
@@ -214,7 +221,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
     def evaluate(step: int) -> None:
         own_acc, _ = _accuracy(net, x_val, y_val)
         cons_acc, cons_loss, distance = consensus_eval(x_val, y_val)
-        sent = averager.counters.bytes_sent if cfg.method == "gossip" else bytes_sent
+        sent = averager.counters.bytes_sent if gossip else bytes_sent
         curve.append({
             "step": step, "train_loss": mean_over_ranks(sum(losses) / len(losses)) if losses else None,
             "val_acc": cons_acc, "val_loss": cons_loss, "own_val_acc": gather(own_acc),
@@ -231,7 +238,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()  # torchft LocalSGD / DiLoCo sync from the optimizer's step hook
-        if cfg.method == "gossip":
+        if gossip:
             averager.step()
         elif cfg.method == "local_sgd":
             averager.average_parameters(params)  # before the next zero_grad: it skips params whose grad is None
@@ -262,15 +269,16 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
             "bytes_sent_per_worker": curve[-1]["bytes_sent_per_worker"],
             "train_time_s": curve[-1]["train_time_s"], "startup_s": startup, "import_s": t_import - t_launch,
             "peak_rss_mb": rss_mb,
-            "gossip_counters": averager.counters.as_dict() if cfg.method == "gossip" else None,
+            "gossip_counters": averager.counters.as_dict() if gossip else None,
+            # asynchronous mode: coins that came up while 16 sends still waited for their receivers (not sent)
+            "sends_skipped": getattr(averager.exchange, "sends_skipped", None) if gossip else None,
             "torch": torch.__version__,
         }
         tmp = Path(out).with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
-    if averager is not None and cfg.method == "gossip":
-        end = getattr(averager, "end", None)  # releases the exchange's buffers and threads (finish() only drains)
-        end(consensus=False) if end is not None else averager.finish()
+    if gossip:
+        averager.end(consensus=False)  # releases the exchange's buffers and threads (finish() only drains)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
