@@ -41,6 +41,7 @@ class GossipMonitor(Callback):
             "gossip/bytes_sent": float(counters.bytes_sent),
             "gossip/bytes_received": float(counters.bytes_received),
             "gossip/messages_rejected": float(counters.messages_rejected),
+            "gossip/sends_skipped": float(counters.sends_skipped),
         }
         if self.log_consensus_distance and averager.world_size > 1 and self._last_batch_of_epoch(trainer, batch_idx):
             # A collective, run here on every rank at the same step. Not in on_train_epoch_end: there Lightning's

@@ -190,7 +190,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = {"ps": tuple(float(p) for p in args.p.split(","))} if args.p else {}
     runs = SWEEPS[args.sweep](base, workers, seeds, **extra)
-    out_dir = Path(args.out) / args.sweep
+    # The CNN's runs get their own folders (the report's tables group by method, M, split and p, not by model).
+    out_dir = Path(args.out) / (args.sweep if args.model == "mlp" else f"{args.sweep}_{args.model}")
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = []
     for cfg in runs:

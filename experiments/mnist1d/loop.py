@@ -269,9 +269,7 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
             "bytes_sent_per_worker": curve[-1]["bytes_sent_per_worker"],
             "train_time_s": curve[-1]["train_time_s"], "startup_s": startup, "import_s": t_import - t_launch,
             "peak_rss_mb": rss_mb,
-            "gossip_counters": averager.counters.as_dict() if gossip else None,
-            # asynchronous mode: coins that came up while 16 sends still waited for their receivers (not sent)
-            "sends_skipped": getattr(averager.exchange, "sends_skipped", None) if gossip else None,
+            "gossip_counters": averager.counters.as_dict() if gossip else None,  # sends_skipped: asynchronous only
             "torch": torch.__version__,
         }
         tmp = Path(out).with_suffix(".tmp")

@@ -23,10 +23,13 @@ def load(runs: Path, sweep: str) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted((runs / sweep).glob("*.json"))]
 
 
+GOSSIP_METHODS = ("gossip", "gossip_async", "lightning_gossip")
+
+
 def key_of(r: dict[str, Any]) -> tuple:
     c = r["config"]
-    p = c["p"] if c["method"] in ("gossip", "lightning_gossip") else None
-    topo = c["topology"] if c["method"] in ("gossip", "lightning_gossip") else None
+    p = c["p"] if c["method"] in GOSSIP_METHODS else None
+    topo = c["topology"] if c["method"] in GOSSIP_METHODS else None
     period = c["period"] if c["method"] in ("local_sgd", "torchft_localsgd", "torchft_diloco") else None
     return (c["method"], r.get("world_size", c["workers"]), c["split"], p, topo, period, c["batch_size"])
 
@@ -35,6 +38,8 @@ def label(k: tuple) -> str:
     method, m, split, p, topo, period, b = k
     if method == "gossip":
         return f"gossip p={p:g}" + ("" if topo == "random" else f" {topo}")
+    if method == "gossip_async":
+        return f"asynchronous gossip p={p:g}" + ("" if topo == "random" else f" {topo}")
     if method == "lightning_gossip":
         return f"Lightning GossipStrategy p={p:g}"
     if method == "single":
@@ -88,8 +93,8 @@ def write_table(path: Path, header: list[str], rows: list[list[Any]], title: str
 
 def _order(k: tuple) -> tuple:
     method, m, split, p, topo, period, b = k
-    rank = {"single": 0, "ddp": 1, "lightning_ddp": 2, "gossip": 3, "lightning_gossip": 4, "local_sgd": 5,
-            "torchft_localsgd": 6, "torchft_diloco": 7}.get(method, 9)
+    rank = {"single": 0, "ddp": 1, "lightning_ddp": 2, "gossip": 3, "gossip_async": 4, "lightning_gossip": 5,
+            "local_sgd": 6, "torchft_localsgd": 7, "torchft_diloco": 8}.get(method, 9)
     return (m if method != "single" else b // 32, split, rank, p or 0, topo or "", period or 0)
 
 
@@ -303,6 +308,64 @@ def peers(runs: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def _acc_at_time(r: dict[str, Any], seconds: float) -> Optional[float]:
+    """Validation accuracy of the consensus at the last evaluation reached within ``seconds`` of training steps."""
+    best = None
+    for pt in r.get("curve") or []:
+        if pt["train_time_s"] <= seconds * 1.0001:
+            best = pt["val_acc"]
+    return best
+
+
+def asynchronous(runs: Path, out: Path) -> None:
+    """The asynchronous mode beside the lock-step one (the ``equivalence`` runs) at the same M, p and seeds."""
+    results = load(runs, "asynchronous")
+    if not results:
+        return
+    before = load(runs, "asynchronous_max16")  # the same runs with up to 16 pushes of a rank in flight
+    cells = {(r["world_size"], r["config"]["p"]) for r in results}
+    lock_step = [r for r in load(runs, "equivalence")
+                 if r["config"]["method"] == "gossip" and (r["world_size"], r["config"]["p"]) in cells]
+    rows = []
+    for m, p in sorted(cells):
+        pick = [r for r in results if (r["world_size"], r["config"]["p"]) == (m, p)]
+        old = [r for r in before if (r["world_size"], r["config"]["p"]) == (m, p)]
+        ref = [r for r in lock_step if (r["world_size"], r["config"]["p"]) == (m, p)]
+        async_time = mean(r["train_time_s"] for r in pick)
+        for name, rs in (("lock-step", ref), ("asynchronous", pick), ("asynchronous, 16 in flight", old)):
+            if not rs:
+                continue
+            sent = [r["gossip_counters"]["messages_sent"] / r["config"]["steps"] for r in rs]
+            skipped = [(r.get("sends_skipped") or (r["gossip_counters"] or {}).get("sends_skipped") or 0)
+                       / r["config"]["steps"] for r in rs]
+            at_time = ms(_acc_at_time(r, async_time) for r in rs)
+            rows.append([m, f"{p:g}", name, len(rs), ms(r["test_acc"] for r in rs),
+                         ms(statistics.mean(r["own_test_acc"]) for r in rs), ms(sent, 3), ms(skipped, 3),
+                         ms((r["final_consensus_distance"] for r in rs), 2), ms((r["train_time_s"] for r in rs), 1),
+                         at_time])
+    write_table(out / "asynchronous" / "table", [
+        "M", "p", "mode", "seeds", "consensus test acc (1500 steps)", "own models test acc (mean)",
+        "pushes sent / worker / step", "coins skipped / worker / step", "consensus distance (end)",
+        "train s / worker", "val acc after the asynchronous run's train s / worker"], rows)
+    plt = _plt()
+    ms_ = sorted({m for m, _ in cells})
+    fig, axes = plt.subplots(2, len(ms_), figsize=(6 * len(ms_), 8), squeeze=False)
+    for col, m in enumerate(ms_):
+        for p in sorted({p for mm, p in cells if mm == m}):
+            for name, rs, style in (("lock-step", lock_step, "-"), ("async", results, "--")):
+                sel = [r for r in rs if (r["world_size"], r["config"]["p"]) == (m, p)]
+                band(axes[0][col], sel, "val_acc", f"{name} p={p:g}", linestyle=style)
+                band(axes[1][col], sel, "val_acc", f"{name} p={p:g}", x_field="train_time_s", linestyle=style)
+        axes[0][col].set(title=f"M={m}: validation accuracy (consensus) at equal steps", xlabel="step",
+                         ylim=(0.2, 0.85))
+        axes[1][col].set(title=f"M={m}: ... against train seconds per worker", xlabel="train s / worker",
+                         ylim=(0.2, 0.85))
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "asynchronous" / "asynchronous.png", dpi=110)
+    plt.close(fig)
+
+
 def scale(runs: Path, out: Path) -> None:
     """Start-up time and peak RSS per worker of the hand-loop gossip runs, by number of worker processes."""
     results = [r for sweep in ("equivalence", "exploration", "topology") for r in load(runs, sweep)
@@ -336,7 +399,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    for section in (equivalence, exploration, topology, peers, scale):
+    for section in (equivalence, exploration, topology, peers, asynchronous, scale):
         section(runs, out)
         print(f"{section.__name__}: done", flush=True)
 

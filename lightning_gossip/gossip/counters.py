@@ -1,4 +1,4 @@
-"""What a rank's exchange has moved: messages and bytes, rejected messages, gossip steps taken."""
+"""What a rank's exchange has moved: messages and bytes, rejected messages, skipped pushes, gossip steps taken."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ class GossipCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_rejected: int = 0
+    # Asynchronous mode only: pushes the coin asked for but not sent, because this rank's previous push(es) had not
+    # been taken by their receiver yet (``AsyncGossipExchange.max_sends_in_flight``). Lock-step never skips.
+    sends_skipped: int = 0
     steps: int = 0
 
     def as_dict(self) -> dict[str, int]:

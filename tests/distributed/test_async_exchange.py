@@ -71,7 +71,7 @@ def _invariants(rank, world_size, steps, drain_every, p, max_sleep):
         mean1, _ = state.weighted_mean()
         end = state.consensus_distance(mean1)
         counters = exchange.counters
-        counts = torch.tensor([counters.messages_sent, counters.messages_received, exchange.sends_skipped])
+        counts = torch.tensor([counters.messages_sent, counters.messages_received, counters.sends_skipped])
         dist.all_reduce(counts)
         exchange.close()
         out[topology] = dict(
@@ -235,7 +235,8 @@ def _run_tolerating_lost_rank(fn, world_size, *args):
     ctx = mp.get_context(dist_utils.START_METHOD)
     queue = ctx.SimpleQueue()
     context = mp.start_processes(
-        dist_utils._worker, args=(world_size, dist_utils.free_port(), dist_utils.PG_TIMEOUT, fn, args, queue),
+        dist_utils._worker, args=(world_size, dist_utils.free_port(), dist_utils.PG_TIMEOUT, "gloo", None, fn, args,
+                                 queue),
         nprocs=world_size,
         join=False, start_method=dist_utils.START_METHOD,
     )

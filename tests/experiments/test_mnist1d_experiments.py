@@ -32,13 +32,16 @@ def check_result(res: dict, cfg: RunConfig) -> None:
     assert all(s > 0 for s in res["startup_s"])
 
 
-@pytest.mark.parametrize("method", ["gossip", "local_sgd"])
+@pytest.mark.parametrize("method", ["gossip", "gossip_async", "local_sgd"])
 def test_loop_two_workers(tmp_path, method):
     cfg = tiny(tmp_path, method=method, workers=2, p=1.0, period=5)
     res = launch(cfg, tmp_path / "run.json")
     check_result(res, cfg)
     if method == "gossip":  # p = 1: one message per step per worker
         assert res["gossip_counters"]["messages_sent"] == 6 and res["bytes_sent_per_worker"] > 6 * res["model_bytes"]
+    elif method == "gossip_async":  # p = 1: every coin comes up; a push still waiting for its receiver skips it
+        counters = res["gossip_counters"]
+        assert counters["messages_sent"] >= 1 and counters["messages_sent"] + counters["sends_skipped"] == 6
     else:  # PeriodicModelAverager counts from 0: it averages at steps 1 and 6, so the models agree at the end
         assert res["bytes_sent_per_worker"] == pytest.approx(2 * 2 * 0.5 * res["model_bytes"])
         assert res["final_consensus_distance"] < 1e-10 and len(set(res["own_test_acc"])) == 1
@@ -83,6 +86,17 @@ def test_grid_lists_the_issue_sweeps(capsys):
     for name in ("local_sgd_M4_iid_H8_s1", "torchft_localsgd_M4", "torchft_diloco_M4", "lightning_ddp_M4",
                  "lightning_gossip_M4_iid_p0.1"):
         assert name in out
+
+
+def test_grid_lists_the_asynchronous_sweep_and_the_cnn_runs(capsys):
+    grid.main(["asynchronous", "--workers", "4", "--seeds", "1", "--list", "--out", "/nonexistent-dir-for-list"])
+    out = capsys.readouterr().out
+    for p in ("0.1", "0.5", "1"):
+        assert f"gossip_async_M4_iid_p{p}_random_s1" in out
+    grid.main(["equivalence", "--workers", "4", "--seeds", "1", "--model", "cnn", "--exclude", "single,ddp", "--list",
+               "--out", "/nonexistent-dir-for-list"])
+    out = capsys.readouterr().out
+    assert "gossip_cnn_M4_iid_p0.1_random_s1" in out and "ddp" not in out and "single" not in out
 
 
 def test_lightning_command_is_the_entry_point():

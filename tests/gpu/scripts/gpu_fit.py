@@ -19,6 +19,12 @@ class Net(L.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(32, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 4))
 
+    def on_train_start(self) -> None:
+        # Where training ran (Lightning moves the module back to the CPU when fit ends).
+        averager = self.trainer.strategy.averager
+        self.train_device = str(self.device)
+        self.gossip_device = str(averager.state.device) if averager is not None else None
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
@@ -42,7 +48,8 @@ def main() -> None:
     trainer.fit(model, DataLoader(data, batch_size=32, shuffle=True))
     final = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     record = {
-        "device": str(next(model.parameters()).device),
+        "device": model.train_device,
+        "gossip_device": model.gossip_device,
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "steps": trainer.global_step,
         "counters": trainer.strategy.counters.as_dict(),
