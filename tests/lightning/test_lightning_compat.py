@@ -201,6 +201,24 @@ def test_private_attributes_read_at_run_time():
     assert isinstance(connector, connector_class) and connector.received_sigterm is False
     connector.received_sigterm = True
     assert trainer.received_sigterm is True  # the flag the fit loop checks is the connector's
+    # lightning_gossip.async_support refuses step- and time-based ModelCheckpoint in asynchronous mode, reads the
+    # Timer's duration for max_time, and replaces the Timer's per-batch broadcast of rank 0's decision by its flag
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    by_steps, by_time = ModelCheckpoint(every_n_train_steps=5), ModelCheckpoint(train_time_interval=timedelta(seconds=3))
+    assert by_steps._every_n_train_steps == 5 and by_steps._train_time_interval is None
+    assert by_time._train_time_interval == timedelta(seconds=3) and not by_time._every_n_train_steps
+    assert Timer(duration=timedelta(seconds=7))._duration == 7.0
+    per_batch = inspect.getsource(Timer.on_train_batch_end)
+    if "_check_time_remaining" in per_batch:  # newer Lightning: the broadcast moved into a helper
+        per_batch = inspect.getsource(Timer._check_time_remaining)
+    assert "strategy.broadcast(" in per_batch
+    # ... and torch's default store, which its stop flag and the work-sharing sampler use
+    import torch.distributed as dist
+
+    assert callable(dist.distributed_c10d._get_default_store)
 
 
 def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_path):
