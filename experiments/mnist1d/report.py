@@ -129,10 +129,12 @@ def band(ax, runs: list[dict[str, Any]], field: str, label_: str, x_field: str =
 # ---------------------------------------------------------------------------------------------------------------------
 # the sections
 # ---------------------------------------------------------------------------------------------------------------------
-def equivalence(runs: Path, out: Path) -> None:
-    results = load(runs, "equivalence")
+def equivalence(runs: Path, out: Path, sweep: str = "equivalence") -> None:
+    """Claim (1): the table and plots of one equivalence sweep (``equivalence_cnn`` for the CNN's runs)."""
+    results = load(runs, sweep)
     if not results:
         return
+    ylim = (0.8, 1.0) if sweep.endswith("_cnn") else (0.3, 0.85)
     g = group(results)
     rows = []
     for k in sorted(g, key=_order):
@@ -142,7 +144,7 @@ def equivalence(runs: Path, out: Path) -> None:
                      ms((final_train_loss(r) for r in rs)), ms((r["final_consensus_distance"] for r in rs), 2),
                      f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.1f}",
                      f"{mean(r['train_time_s'] for r in rs):.1f}"])
-    write_table(out / "equivalence" / "table", ["M", "run", "seeds", "test acc (consensus)", "test loss",
+    write_table(out / sweep / "table", ["M", "run", "seeds", "test acc (consensus)", "test loss",
                                                 "train loss (last 100 steps)", "consensus distance (end)",
                                                 "MB sent / worker", "train s / worker"], rows)
     plt = _plt()
@@ -156,10 +158,10 @@ def equivalence(runs: Path, out: Path) -> None:
             band(axes[0][col], g[k], "train_loss", label(k), **style)
             band(axes[1][col], g[k], "val_acc", label(k), **style)
         axes[0][col].set(title=f"M = {m}: training loss of the workers", xlabel="step", yscale="log")
-        axes[1][col].set(title=f"M = {m}: validation accuracy of the consensus", xlabel="step", ylim=(0.3, 0.85))
+        axes[1][col].set(title=f"M = {m}: validation accuracy of the consensus", xlabel="step", ylim=ylim)
         axes[1][col].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "equivalence" / "curves.png", dpi=110)
+    fig.savefig(out / sweep / "curves.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -180,8 +182,12 @@ def equivalence(runs: Path, out: Path) -> None:
            title="Equivalence: final test accuracy against p")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "equivalence" / "accuracy_vs_p.png", dpi=110)
+    fig.savefig(out / sweep / "accuracy_vs_p.png", dpi=110)
     plt.close(fig)
+
+
+def equivalence_cnn(runs: Path, out: Path) -> None:
+    equivalence(runs, out, "equivalence_cnn")
 
 
 def exploration(runs: Path, out: Path) -> None:
@@ -399,7 +405,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    for section in (equivalence, exploration, topology, peers, asynchronous, scale):
+    for section in (equivalence, equivalence_cnn, exploration, topology, peers, asynchronous, scale):
         section(runs, out)
         print(f"{section.__name__}: done", flush=True)
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The grid as it was run for experiments/results/mnist1d (a reduced grid: see its README), in order of priority.
+# The grid as it was run for experiments/results/mnist1d (see its README for what was and was not run), in order.
 # Resumable: rerun it and only the runs without a JSON are run. Each line is independent; run any of them alone.
 set -e
 cd "$(dirname "$0")/../.."
@@ -11,4 +11,16 @@ python -m experiments.mnist1d.grid exploration --workers 8 --seeds 1,2,3 --p 0,0
 python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0.1,1 --jobs 2
 python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --jobs 2
 python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0 --jobs 2
+# session 2 of the grid (the MLP unless --model says otherwise)
+python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0.01,0.5 --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 4 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 8 --seeds 1,2,3 --p 1 --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 16 --seeds 1,2,3 --p 0,0.1,1 --jobs 2
+python -m experiments.mnist1d.grid peers --workers 8 --seeds 1,2,3 --exclude lightning_ --jobs 2
+python -m experiments.mnist1d.grid asynchronous --workers 4,8 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid peers --workers 16 --seeds 1,2,3 --exclude lightning_ --jobs 2
+python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --p 0.2 --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 4 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 16 --seeds 1,2,3 --p 0.01,0.5 --jobs 2
+python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --p 0.01 --jobs 2
 python -m experiments.mnist1d.report
