@@ -44,13 +44,14 @@ from experiments.mnist1d.loop import REPO, RunConfig, launch
 RESULTS = REPO / "experiments" / "results" / "mnist1d"
 RUNS = RESULTS / "runs"
 EQUIV_P = (0.0, 0.01, 0.1, 0.5, 1.0)
+GOSSIP_METHODS = ("gossip", "gossip_async", "lightning_gossip")  # the methods with a p and a topology
 
 
 def _name(cfg: RunConfig) -> str:
     parts = [cfg.method, f"M{cfg.workers}", cfg.split]
     if cfg.model != "mlp":  # the MLP runs keep their original names
         parts.insert(1, cfg.model)
-    if cfg.method in ("gossip", "gossip_async", "lightning_gossip"):
+    if cfg.method in GOSSIP_METHODS:
         parts += [f"p{cfg.p:g}", cfg.topology]
     if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco"):
         parts.append(f"H{cfg.period}")

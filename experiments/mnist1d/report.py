@@ -16,14 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from experiments.mnist1d.grid import RESULTS, RUNS
+from experiments.mnist1d.grid import GOSSIP_METHODS, RESULTS, RUNS
 
 
 def load(runs: Path, sweep: str) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted((runs / sweep).glob("*.json"))]
-
-
-GOSSIP_METHODS = ("gossip", "gossip_async", "lightning_gossip")
 
 
 def key_of(r: dict[str, Any]) -> tuple:
@@ -268,11 +265,12 @@ def topology(runs: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def _acc_at_bytes(r: dict[str, Any], budget: float) -> Optional[float]:
-    """Validation accuracy of the consensus at the last evaluation whose bytes sent per worker are <= budget."""
+def _val_acc_within(r: dict[str, Any], field: str, limit: float) -> Optional[float]:
+    """Validation accuracy of the consensus at the last evaluation whose ``field`` (bytes sent per worker, training
+    seconds) was still within ``limit``."""
     best = None
     for pt in r.get("curve") or []:
-        if pt["bytes_sent_per_worker"] <= budget * 1.0001:
+        if pt[field] <= limit * 1.0001:
             best = pt["val_acc"]
     return best
 
@@ -293,7 +291,7 @@ def peers(runs: Path, out: Path) -> None:
         for k in sorted([k for k in g if k[1] == m], key=_order):
             rs = g[k]
             wall = [r.get("train_time_s") for r in rs] if "curve" in rs[0] else [r.get("runtime_s") for r in rs]
-            at_budget = ms(_acc_at_bytes(r, budget) for r in rs) if budget and "curve" in rs[0] else "-"
+            at_budget = ms(_val_acc_within(r, "bytes_sent_per_worker", budget) for r in rs) if budget and "curve" in rs[0] else "-"
             rows.append([m, label(k), len(rs), ms(r["test_acc"] for r in rs), at_budget,
                          f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.2f}",
                          ms(wall, 1), "hand loop" if "curve" in rs[0] else "python -m lightning_gossip.train"])
@@ -312,15 +310,6 @@ def peers(runs: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "peers" / "peers.png", dpi=110)
     plt.close(fig)
-
-
-def _acc_at_time(r: dict[str, Any], seconds: float) -> Optional[float]:
-    """Validation accuracy of the consensus at the last evaluation reached within ``seconds`` of training steps."""
-    best = None
-    for pt in r.get("curve") or []:
-        if pt["train_time_s"] <= seconds * 1.0001:
-            best = pt["val_acc"]
-    return best
 
 
 def asynchronous(runs: Path, out: Path) -> None:
@@ -344,7 +333,7 @@ def asynchronous(runs: Path, out: Path) -> None:
             sent = [r["gossip_counters"]["messages_sent"] / r["config"]["steps"] for r in rs]
             skipped = [(r.get("sends_skipped") or (r["gossip_counters"] or {}).get("sends_skipped") or 0)
                        / r["config"]["steps"] for r in rs]
-            at_time = ms(_acc_at_time(r, async_time) for r in rs)
+            at_time = ms(_val_acc_within(r, "train_time_s", async_time) for r in rs)
             rows.append([m, f"{p:g}", name, len(rs), ms(r["test_acc"] for r in rs),
                          ms(statistics.mean(r["own_test_acc"]) for r in rs), ms(sent, 3), ms(skipped, 3),
                          ms((r["final_consensus_distance"] for r in rs), 2), ms((r["train_time_s"] for r in rs), 1),

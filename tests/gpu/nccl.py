@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from tests.helpers.distributed import GPU_PER_RANK, GPU_SHARED, run_distributed
 
@@ -28,3 +29,13 @@ def run_gloo_on_one_gpu(fn: Callable, world_size: int, *args: Any, timeout: floa
     that need no NCCL (the asynchronous exchange stages messages through pinned host memory) on a single card."""
     return run_distributed(fn, world_size, *args, timeout=timeout, pg_timeout_s=PG_TIMEOUT.total_seconds(),
                            backend="gloo", gpu=GPU_SHARED)
+
+
+def mass_and_mean(averager: Any) -> tuple[float, torch.Tensor]:
+    """At a quiescent point (after the drain, nothing in flight): sum_i a_i and sum_i a_i x_i over all ranks."""
+    averager.finish()
+    weight = torch.tensor([averager.weight], dtype=torch.float64, device=averager.state.device)
+    weighted = averager.state.flatten().double() * averager.weight
+    dist.all_reduce(weight)
+    dist.all_reduce(weighted)
+    return float(weight.item()), weighted.cpu()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
-from tests.gpu.nccl import gpu_count, run_gloo_on_one_gpu, run_nccl
+from tests.gpu.nccl import gpu_count, mass_and_mean, run_gloo_on_one_gpu, run_nccl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,16 +31,6 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _mass_and_mean(averager: GossipAverager) -> tuple[float, torch.Tensor]:
-    """At a quiescent point (after the drain, nothing in flight): sum_i a_i and sum_i a_i x_i over all ranks."""
-    averager.finish()
-    weight = torch.tensor([averager.weight], dtype=torch.float64, device=_device())
-    weighted = averager.state.flatten().double() * averager.weight
-    dist.all_reduce(weight)
-    dist.all_reduce(weighted)
-    return float(weight.item()), weighted.cpu()
-
-
 def _async_run(rank: int, world_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).to(_device())
@@ -49,7 +39,7 @@ def _async_run(rank: int, world_size: int, steps: int) -> dict:
     with torch.no_grad():  # different models on every rank, so mixing is visible
         for t in averager.state.tensors:
             t.copy_(torch.randn(t.shape, generator=g, device=_device()))
-    mass0, mean0 = _mass_and_mean(averager)
+    mass0, mean0 = mass_and_mean(averager)
     start = averager.consensus_distance()
     jitter = random.Random(rank)
     mass_errors, drift = [abs(mass0 - 1.0)], 0.0
@@ -57,7 +47,7 @@ def _async_run(rank: int, world_size: int, steps: int) -> dict:
         time.sleep(jitter.random() * 0.002 * (rank + 1))  # ranks at different speeds: nobody waits for anybody
         averager.step()
         if step % 25 == 24:
-            mass, mean = _mass_and_mean(averager)
+            mass, mean = mass_and_mean(averager)
             mass_errors.append(abs(mass - 1.0))
             drift = max(drift, float((mean - mean0).abs().max()))
     end = averager.consensus_distance()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip import GossipAverager
-from tests.gpu.nccl import gpu_count, run_nccl
+from tests.gpu.nccl import gpu_count, mass_and_mean, run_nccl
 from tests.helpers.processes import run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -42,28 +42,18 @@ def _make_ranks_differ(averager: GossipAverager, rank: int) -> None:
             t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
 
 
-def _mass_and_mean(averager: GossipAverager) -> tuple[float, torch.Tensor]:
-    """At a quiescent point (nothing in flight): sum_i a_i and sum_i a_i x_i over all ranks."""
-    averager.finish()
-    weight = torch.tensor([averager.weight], dtype=torch.float64, device="cuda")
-    weighted = averager.state.flatten().double() * averager.weight
-    dist.all_reduce(weight)
-    dist.all_reduce(weighted)
-    return float(weight.item()), weighted.cpu()
-
-
 def _invariants(rank: int, world_size: int, options: dict, steps: int) -> dict:
     averager = GossipAverager(_model(rank), p=0.5, seed=3, **options)
     bound = dist.distributed_c10d._get_default_group().bound_device_id
     _make_ranks_differ(averager, rank)
-    mass0, mean0 = _mass_and_mean(averager)
+    mass0, mean0 = mass_and_mean(averager)
     start = averager.consensus_distance()
     mass_errors = [abs(mass0 - 1.0)]
     drift = 0.0
     for step in range(steps):
         averager.step()
         if step % 10 == 9:
-            mass, mean = _mass_and_mean(averager)
+            mass, mean = mass_and_mean(averager)
             mass_errors.append(abs(mass - 1.0))
             drift = max(drift, float((mean - mean0).abs().max()))
     end = averager.consensus_distance()
