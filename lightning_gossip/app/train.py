@@ -198,9 +198,14 @@ def _restarts(max_restarts: int) -> str:
 
 
 def _failures(failures: dict[int, Any]) -> str:
-    """The ranks that failed first; those the agent then stopped itself (SIGTERM) are listed apart."""
+    """The ranks that failed first; those the agent then stopped itself (SIGTERM) are listed apart.
+
+    A rank killed by a signal the agent did not send (the OOM killer, a preempted node) is listed before ranks that
+    exited with an error: those usually raised because they lost that peer, and may do so before the agent's next
+    poll sees the killed one, so one poll can hold both.
+    """
     stopped = {rank for rank, f in failures.items() if f.exitcode == -int(signal.SIGTERM)}
-    causes = sorted(set(failures) - stopped) or sorted(stopped)
+    causes = sorted(set(failures) - stopped, key=lambda rank: (failures[rank].exitcode >= 0, rank)) or sorted(stopped)
     text = ", ".join(f"rank {rank}: {_describe(failures[rank].exitcode)}" for rank in causes)
     if stopped and causes != sorted(stopped):
         text += "; stopped after it: " + ", ".join(f"rank {rank}" for rank in sorted(stopped))

@@ -221,3 +221,21 @@ def test_stale_temporary_files_of_dead_writers_removed_before_workers_start(tmp_
     (folder / "last.ckpt").write_bytes(b"kept")
     _remove_stale_temporary_files(cfg)
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_failure_summary_names_the_killed_rank_before_those_that_lost_it() -> None:
+    """One agent poll can see both a SIGKILLed rank and a rank that already raised because it lost that peer (the
+    race CI hit): the killed rank is the cause and is named first; ranks the agent stopped itself are listed apart."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from lightning_gossip.app.train import _failures
+
+    def failure(rank: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="/nonexistent")
+
+    lost_peer = {0: failure(0, 1), 1: failure(1, -int(signal.SIGKILL))}
+    assert _failures(lost_peer) == "rank 1: killed by SIGKILL, rank 0: exit code 1"
+    stopped = {0: failure(0, -int(signal.SIGTERM)), 1: failure(1, -int(signal.SIGKILL)), 2: failure(2, 1)}
+    assert _failures(stopped) == "rank 1: killed by SIGKILL, rank 2: exit code 1; stopped after it: rank 0"
+    assert _failures({3: failure(3, 2), 1: failure(1, 1)}) == "rank 1: exit code 1, rank 3: exit code 2"
+    assert _failures({0: failure(0, -int(signal.SIGTERM))}) == "rank 0: killed by SIGTERM"
