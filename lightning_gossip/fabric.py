@@ -265,7 +265,9 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             raise ValueError(f"GossipFabricStrategy stores every rank's state under {CHECKPOINT_KEY!r} in the "
                              "checkpoint; use another key for your own entry.")
         filter = filter or {}
-        mine: dict[str, Any] = {CHECKPOINT_KEY: self.averager.state_dict()}
+        # First: in asynchronous mode this brings the messages on the wire home, so the weights read below and the
+        # gossip weights are one consistent cut (their mass sums to one).
+        mine: dict[str, Any] = {CHECKPOINT_KEY: self.averager.checkpoint_state_dict()}
         for key, obj in state.items():
             if isinstance(obj, nn.Module):
                 keep = filter.get(key, lambda name, value: True)

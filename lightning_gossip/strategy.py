@@ -486,13 +486,12 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         # consensus is swapped in; store each rank's own weights, not the consensus.
         swapped = self._eval_stack is not None
         self._leave_consensus()
-        if self.options.asynchronous:
-            self.averager.finish()  # quiescence: the checkpoint is a consistent cut, nothing on the wire
         try:
+            gossip = self.averager.checkpoint_state_dict()  # first: asynchronous messages home, a consistent cut
             mine = {
                 "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
                 "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
-                "gossip": self.averager.state_dict(),
+                "gossip": gossip,
             }
         finally:
             if swapped:

@@ -111,7 +111,8 @@ class AsyncGossipExchange:
         self.p = float(getattr(source, "p", p))
         self.topology = resolve_topology(getattr(source, "topology", topology) or RandomPeer())
         source_seed = getattr(source, "seed", seed)
-        self.seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
+        self._schedule = schedule  # its seed is read at every coin: a resume may set the checkpoint's seed on it
+        self._seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
         self.on_nonfinite = getattr(options, "on_nonfinite", on_nonfinite)
         if self.on_nonfinite not in ("warn", "error"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {self.on_nonfinite!r}.")
@@ -178,6 +179,11 @@ class AsyncGossipExchange:
             )
             self._thread.start()
             self._completer.start()
+
+    @property
+    def seed(self) -> int:
+        """The seed of the coins and peers: the schedule's, when one was given (a resume may change it there)."""
+        return int(self._schedule.seed) if self._schedule is not None else self._seed
 
     # -- buffers --------------------------------------------------------------------------------------------------
     def _new_host_message(self) -> Tensor:

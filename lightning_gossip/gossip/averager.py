@@ -18,6 +18,7 @@ its state, and the end of a run. It gossips over ``group`` (the default process 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -271,12 +272,33 @@ class GossipAverager:
             **self.exchange.state_dict(),
         }
 
+    def checkpoint_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` at a consistent cut, for a checkpoint: read the module's weights *after* this call.
+
+        Asynchronous mode brings every message on the wire home first (a collective there), so what a checkpoint
+        holds, every rank's weights and gossip weights, sums to the whole mass; the lock-step exchange is at a cut
+        after every step already and saves its messages in flight.
+        """
+        if self.options.asynchronous and self.world_size > 1:
+            self.finish()
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"This gossip state was saved with {state['world_size']} workers; it cannot be loaded into a run "
                 f"with {self.world_size}."
             )
+        saved_seed = state.get("seed")
+        if saved_seed is not None and int(saved_seed) != self.schedule.seed:
+            # The schedule is part of the saved run: going on with its draws is what makes the resume exact.
+            if self.rank == 0:
+                warnings.warn(
+                    f"Resuming the gossip schedule with the checkpoint's seed {int(saved_seed)} instead of this run's "
+                    f"{self.schedule.seed}, so that training goes on as the saved run would have.",
+                    stacklevel=2,
+                )
+            self.schedule.seed = int(saved_seed)
         self.state.weight = float(state["weight"])
         self._step = int(state["step"])
         self.exchange.load_state_dict(state)

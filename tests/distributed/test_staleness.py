@@ -200,3 +200,51 @@ def test_resume_with_several_exchanges_in_flight_is_exact() -> None:
         assert torch.equal(r["other_k"][0], out[0]["other_k"][0])  # and a consensus at the end
     errors = [r["bad_size_error"] for r in out if r["in_flight_at_save"]]
     assert errors and all("resume with the model, mix_buffers and transfer_dtype" in e for e in errors)
+
+
+def _resume_with_another_seed(rank: int, world_size: int, steps: int, stop_at: int) -> dict:
+    import warnings
+
+    averager = GossipAverager(_model(rank), p=P, seed=SEED)
+    for step in range(steps):
+        _train_step(averager, rank, step)
+        averager.step()
+    averager.finish()
+    straight = (_flat(averager), averager.weight)
+
+    model = _model(rank)
+    averager = GossipAverager(model, p=P, seed=SEED)
+    for step in range(stop_at):
+        _train_step(averager, rank, step)
+        averager.step()
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "gossip": averager.state_dict()}
+    del averager, model
+    model = _model(rank + 100)
+    model.load_state_dict(checkpoint["model"])
+    averager = GossipAverager(model, p=P, seed=SEED + 1, broadcast=False)  # the resumed run was given another seed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        averager.load_state_dict(checkpoint["gossip"])
+    for step in range(stop_at, steps):
+        _train_step(averager, rank, step)
+        averager.step()
+    averager.finish()
+    return {"straight": straight, "resumed": (_flat(averager), averager.weight),
+            "warnings": [str(w.message) for w in caught]}
+
+
+def test_resume_goes_on_with_the_checkpoint_schedule_seed() -> None:
+    """The schedule's seed is part of the saved run: resumed with another seed configured, the run still goes on with
+    the checkpoint's draws (exactly, bitwise), and rank 0 warns once that the configured seed was not used."""
+    world_size, steps, stop_at = 3, 16, 6
+    ours = GossipSchedule(world_size, P, resolve_topology("random"), SEED)
+    theirs = GossipSchedule(world_size, P, resolve_topology("random"), SEED + 1)
+    assert any(ours.plan(s) != theirs.plan(s) for s in range(stop_at, steps))  # the other seed would change the run
+    out = run_distributed(_resume_with_another_seed, world_size, steps, stop_at)
+    for r in out:
+        assert torch.equal(r["resumed"][0], r["straight"][0]) and r["resumed"][1] == r["straight"][1]
+    assert out[0]["warnings"] == [
+        f"Resuming the gossip schedule with the checkpoint's seed {SEED} instead of this run's {SEED + 1}, so that "
+        "training goes on as the saved run would have."
+    ]
+    assert all(r["warnings"] == [] for r in out[1:])
