@@ -187,10 +187,14 @@ def equivalence_cnn(runs: Path, out: Path) -> None:
     equivalence(runs, out, "equivalence_cnn")
 
 
-def exploration(runs: Path, out: Path) -> None:
-    results = load(runs, "exploration") + [r for r in load(runs, "equivalence") if r["config"]["method"] != "single"]
-    if not results:
+def exploration(runs: Path, out: Path, sweep: str = "exploration") -> None:
+    """Claim (2): label-skewed runs beside the IID ones of the matching equivalence sweep (``exploration_cnn``: CNN)."""
+    skewed = load(runs, sweep)
+    if not skewed:
         return
+    iid_sweep = sweep.replace("exploration", "equivalence")
+    results = skewed + [r for r in load(runs, iid_sweep) if r["config"]["method"] != "single"]
+    ylim = (0.5, 1.0) if sweep.endswith("_cnn") else (0.2, 0.85)
     g = group(results)
     rows = []
     for k in sorted(g, key=lambda k: (k[1], k[2], _order(k))):
@@ -202,7 +206,7 @@ def exploration(runs: Path, out: Path) -> None:
         rows.append([k[1], k[2], label(k), len(rs), ms(r["test_acc"] for r in rs), ms(own_mean),
                      f"{mean(min(r['own_test_acc']) for r in rs):.3f}-{mean(max(r['own_test_acc']) for r in rs):.3f}",
                      ms(gap), ms((r["final_consensus_distance"] for r in rs), 2)])
-    write_table(out / "exploration" / "table", ["M", "split", "run", "seeds", "consensus test acc",
+    write_table(out / sweep / "table", ["M", "split", "run", "seeds", "consensus test acc",
                                                 "own models: mean", "own: min-max (mean over seeds)",
                                                 "consensus - own mean", "consensus distance (end)"], rows)
     plt = _plt()
@@ -215,22 +219,27 @@ def exploration(runs: Path, out: Path) -> None:
                 band(axes[row][0], g[k], "val_acc", label(k), **style)
                 if k[0] == "gossip":
                     band(axes[row][1], g[k], "consensus_distance", label(k))
-            # the workers' own models, for one p, as thin lines
-            own = [k for k in g if k[1] == m and k[2] == split and k[0] == "gossip" and k[3] == 0.01]
+            # the workers' own models, for the smallest p > 0 (0.01 where it was run), as thin lines
+            own = sorted([k for k in g if k[1] == m and k[2] == split and k[0] == "gossip" and k[3] > 0],
+                         key=lambda k: k[3])
             for k in own[:1]:
                 r = g[k][0]
                 for i in range(len(r["curve"][0]["own_val_acc"])):
                     axes[row][0].plot([pt["step"] for pt in r["curve"]], [pt["own_val_acc"][i] for pt in r["curve"]],
                                       color="grey", lw=0.6, alpha=0.6,
-                                      label="own models, p=0.01, seed 1" if i == 0 else None)
+                                      label=f"own models, p={k[3]:g}, seed 1" if i == 0 else None)
             axes[row][0].set(title=f"M={m} {split}: validation accuracy (consensus; grey: own models)",
-                             xlabel="step", ylim=(0.2, 0.85))
+                             xlabel="step", ylim=ylim)
             axes[row][1].set(title=f"M={m} {split}: consensus distance", xlabel="step", yscale="log")
             axes[row][0].legend(fontsize=6)
             axes[row][1].legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(out / "exploration" / f"local_vs_consensus_M{m}.png", dpi=110)
+        fig.savefig(out / sweep / f"local_vs_consensus_M{m}.png", dpi=110)
         plt.close(fig)
+
+
+def exploration_cnn(runs: Path, out: Path) -> None:
+    exploration(runs, out, "exploration_cnn")
 
 
 def topology(runs: Path, out: Path) -> None:
@@ -275,12 +284,14 @@ def _val_acc_within(r: dict[str, Any], field: str, limit: float) -> Optional[flo
     return best
 
 
-def peers(runs: Path, out: Path) -> None:
-    results = load(runs, "peers")
+def peers(runs: Path, out: Path, sweep: str = "peers") -> None:
+    """The independent libraries beside gossip and DDP of the matching equivalence sweep (``peers_cnn``: CNN)."""
+    results = load(runs, sweep)
     if not results:
         return
+    ylim = (0.5, 1.0) if sweep.endswith("_cnn") else (0.3, 0.85)
     ms_ = sorted({r["world_size"] for r in results})
-    extra = [r for r in load(runs, "equivalence")
+    extra = [r for r in load(runs, sweep.replace("peers", "equivalence"))
              if r["config"]["method"] in ("gossip", "ddp") and r["world_size"] in ms_ and r["config"]["p"] in
              (0.0, 0.1, 1.0) or (r["config"]["method"] == "ddp" and r["world_size"] in ms_)]
     g = group(results + extra)
@@ -295,7 +306,7 @@ def peers(runs: Path, out: Path) -> None:
             rows.append([m, label(k), len(rs), ms(r["test_acc"] for r in rs), at_budget,
                          f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.2f}",
                          ms(wall, 1), "hand loop" if "curve" in rs[0] else "python -m lightning_gossip.train"])
-    write_table(out / "peers" / "table", ["M", "run", "seeds", "test acc at equal steps (1500)",
+    write_table(out / sweep / "table", ["M", "run", "seeds", "test acc at equal steps (1500)",
                                           "val acc at equal bytes (Local SGD H=8's total)", "MB sent / worker",
                                           "wall s (train steps; Lightning: whole fit+test)", "path"], rows)
     plt = _plt()
@@ -303,13 +314,16 @@ def peers(runs: Path, out: Path) -> None:
     for k in sorted([k for k in g if "curve" in g[k][0]], key=_order):
         band(axes[0], g[k], "val_acc", label(k))
         band(axes[1], g[k], "val_acc", label(k), x_field="bytes_sent_per_worker")
-    axes[0].set(title="validation accuracy of the consensus at equal steps", xlabel="step", ylim=(0.3, 0.85))
-    axes[1].set(title="... at equal bytes sent per worker", xlabel="bytes sent per worker", xscale="log",
-                ylim=(0.3, 0.85))
+    axes[0].set(title="validation accuracy of the consensus at equal steps", xlabel="step", ylim=ylim)
+    axes[1].set(title="... at equal bytes sent per worker", xlabel="bytes sent per worker", xscale="log", ylim=ylim)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "peers" / "peers.png", dpi=110)
+    fig.savefig(out / sweep / "peers.png", dpi=110)
     plt.close(fig)
+
+
+def peers_cnn(runs: Path, out: Path) -> None:
+    peers(runs, out, "peers_cnn")
 
 
 def asynchronous(runs: Path, out: Path) -> None:
@@ -394,7 +408,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    for section in (equivalence, equivalence_cnn, exploration, topology, peers, asynchronous, scale):
+    for section in (equivalence, equivalence_cnn, exploration, exploration_cnn, topology, peers, peers_cnn, asynchronous,
+                    scale):
         section(runs, out)
         print(f"{section.__name__}: done", flush=True)
 

@@ -23,4 +23,11 @@ python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --p 0.2 -
 python -m experiments.mnist1d.grid equivalence --workers 4 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
 python -m experiments.mnist1d.grid exploration --workers 16 --seeds 1,2,3 --p 0.01,0.5 --jobs 2
 python -m experiments.mnist1d.grid topology --workers 16 --seeds 1,2,3 --p 0.01 --jobs 2
+# session 3 of the grid
+python -m experiments.mnist1d.grid asynchronous --workers 16 --seeds 1,2,3 --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 8 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 4 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
+python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
+python -m experiments.mnist1d.grid exploration --workers 8 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
+python -m experiments.mnist1d.grid peers --workers 4 --seeds 1,2,3 --model cnn --exclude lightning_ --jobs 2
 python -m experiments.mnist1d.report

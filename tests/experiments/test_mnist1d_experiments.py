@@ -113,3 +113,18 @@ def test_schedule_cost_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["world_size"] for r in rows] == [4, 64, 1024] and all(r["after_us"] > 0 for r in rows)
+
+
+def test_report_builds_the_cnn_sections_from_the_committed_runs(tmp_path):
+    """The CNN's label-skew and peers sections pair their runs with the CNN's own IID runs (never the MLP's)."""
+    runs = REPO / "experiments" / "results" / "mnist1d" / "runs"
+    report.exploration_cnn(runs, tmp_path)
+    report.peers_cnn(runs, tmp_path)
+    table = (tmp_path / "exploration_cnn" / "table.md").read_text()
+    assert "label_skew" in table and "| iid |" in table
+    assert (tmp_path / "exploration_cnn" / "local_vs_consensus_M4.png").stat().st_size > 0
+    cnn_ddp = [json.loads(f.read_text())["test_acc"] for f in (runs / "equivalence_cnn").glob("ddp_cnn_M4_iid_s*.json")]
+    assert f"{sum(cnn_ddp) / len(cnn_ddp):.3f}" in table  # the IID DDP row is the CNN's, not the MLP's
+    peers = (tmp_path / "peers_cnn" / "table.md").read_text()
+    assert "torchft DiLoCo H=8" in peers and "torch PeriodicModelAverager (Local SGD) H=8" in peers
+    assert (tmp_path / "peers_cnn" / "peers.png").stat().st_size > 0
