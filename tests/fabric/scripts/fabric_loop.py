@@ -98,8 +98,9 @@ def main() -> None:
             record["consensus_at_save"] = vector(model)
         record["mid_all_ranks"] = fabric.all_gather(vector(model)).cpu()  # every rank's own weights, mid-training
         epoch("epoch2")
-        record["counters"] = fabric.strategy.counters.as_dict()
         record["distance_removed"] = fabric.strategy.consensus_()
+        # after consensus_(), which brings every message home (asynchronous pushes may still be on the wire before)
+        record["counters"] = fabric.strategy.counters.as_dict()
         record["after_consensus_all_ranks"] = fabric.all_gather(vector(model)).cpu()
     else:
         state = {"model": model, "optimizer": optimizer, "epoch": 0}
