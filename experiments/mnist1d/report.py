@@ -302,7 +302,9 @@ def peers(runs: Path, out: Path, sweep: str = "peers") -> None:
         for k in sorted([k for k in g if k[1] == m], key=_order):
             rs = g[k]
             wall = [r.get("train_time_s") for r in rs] if "curve" in rs[0] else [r.get("runtime_s") for r in rs]
-            at_budget = ms(_val_acc_within(r, "bytes_sent_per_worker", budget) for r in rs) if budget and "curve" in rs[0] else "-"
+            at_budget = "-"
+            if budget and "curve" in rs[0]:
+                at_budget = ms(_val_acc_within(r, "bytes_sent_per_worker", budget) for r in rs)
             rows.append([m, label(k), len(rs), ms(r["test_acc"] for r in rs), at_budget,
                          f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.2f}",
                          ms(wall, 1), "hand loop" if "curve" in rs[0] else "python -m lightning_gossip.train"])
@@ -408,8 +410,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    for section in (equivalence, equivalence_cnn, exploration, exploration_cnn, topology, peers, peers_cnn, asynchronous,
-                    scale):
+    sections = (equivalence, equivalence_cnn, exploration, exploration_cnn, topology, peers, peers_cnn, asynchronous,
+                scale)
+    for section in sections:
         section(runs, out)
         print(f"{section.__name__}: done", flush=True)
 

@@ -289,16 +289,16 @@ class GossipAverager:
                 f"This gossip state was saved with {state['world_size']} workers; it cannot be loaded into a run "
                 f"with {self.world_size}."
             )
-        saved_seed = state.get("seed")
-        if saved_seed is not None and int(saved_seed) != self.schedule.seed:
+        saved_seed = self.schedule.seed if state.get("seed") is None else int(state["seed"])
+        if saved_seed != self.schedule.seed:
             # The schedule is part of the saved run: going on with its draws is what makes the resume exact.
             if self.rank == 0:
                 warnings.warn(
-                    f"Resuming the gossip schedule with the checkpoint's seed {int(saved_seed)} instead of this run's "
+                    f"Resuming the gossip schedule with the checkpoint's seed {saved_seed} instead of this run's "
                     f"{self.schedule.seed}, so that training goes on as the saved run would have.",
                     stacklevel=2,
                 )
-            self.schedule.seed = int(saved_seed)
+            self.schedule.seed = saved_seed
         self.state.weight = float(state["weight"])
         self._step = int(state["step"])
         self.exchange.load_state_dict(state)

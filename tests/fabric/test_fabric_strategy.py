@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_gossip.gossip import GossipOptions
-from tests.fabric.scripts.fabric_loop import N, model_factory
+from tests.fabric.scripts.fabric_loop import N, model_factory, vector
 from tests.helpers.processes import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "fabric_loop.py"
@@ -28,11 +28,22 @@ def run_loop(out: Path, *args: str) -> list[dict]:
     return [torch.load(out / f"{phase}_rank{r}.pt", weights_only=False) for r in range(RANKS)]
 
 
+def straight_run(tmp_path_factory, strategy: str) -> tuple[Path, list[dict]]:
+    """The user's loop with a registered name and its default options: 2 epochs, a save after the first."""
+    out = tmp_path_factory.mktemp(strategy)
+    return out, run_loop(out, "--phase", "straight", "--strategy", strategy)
+
+
+def model_entry_vector(entry: dict) -> torch.Tensor:
+    """A checkpoint's model entry loaded into a plain model (no gossip), as the loop's ``vector`` of it."""
+    plain = model_factory()
+    plain.load_state_dict(entry)
+    return vector(plain)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """The user's loop with the registered name and default options: 2 epochs, a save after the first."""
-    out = tmp_path_factory.mktemp("fabric")
-    return out, run_loop(out, "--phase", "straight", "--strategy", "gossip")
+    return straight_run(tmp_path_factory, "gossip")
 
 
 def test_ranks_differ_mid_training_and_agree_after_consensus(straight):
@@ -66,9 +77,7 @@ def test_save_load_round_trip_resumes_every_rank_exactly(straight):
 
     # the file: the model entry is the consensus at the save, loadable into a plain model without gossip
     checkpoint = torch.load(out / "gossip.ckpt", weights_only=False)
-    plain = model_factory()
-    plain.load_state_dict(checkpoint["model"])
-    consensus = torch.cat([t.flatten() for t in plain.state_dict().values() if t.is_floating_point()])
+    consensus = model_entry_vector(checkpoint["model"])
     torch.testing.assert_close(consensus, ranks[0]["consensus_at_save"], rtol=0, atol=1e-6)
     assert checkpoint["epoch"] == 1
     gossip = checkpoint["gossip"]
@@ -103,8 +112,7 @@ def test_options_are_the_shared_gossip_options_checked_once():
 @pytest.fixture(scope="module")
 def asynchronous(tmp_path_factory) -> tuple[Path, list[dict]]:
     """The same loop with ``strategy="gossip_async"``: no rank waits for another between the collectives."""
-    out = tmp_path_factory.mktemp("fabric_async")
-    return out, run_loop(out, "--phase", "straight", "--strategy", "gossip_async")
+    return straight_run(tmp_path_factory, "gossip_async")
 
 
 def test_asynchronous_loop_trains_every_shard_and_ends_at_one_consensus(asynchronous):
@@ -128,12 +136,9 @@ def test_asynchronous_save_is_a_consistent_cut_and_resumes_every_rank(asynchrono
     weights = [part["gossip"]["weight"] for part in parts]
     assert abs(sum(weights) - 1.0) < 1e-12, weights
     assert all(part["gossip"]["in_flight"] == [] for part in parts)
-    own = [torch.cat([t.flatten() for t in part["model"].values() if t.is_floating_point()]) for part in parts]
+    own = [model_entry_vector(part["model"]) for part in parts]
     weighted = sum(w * x.double() for w, x in zip(weights, own)) / sum(weights)
-    plain = model_factory()
-    plain.load_state_dict(checkpoint["model"])
-    consensus = torch.cat([t.flatten() for t in plain.state_dict().values() if t.is_floating_point()])
-    torch.testing.assert_close(consensus.double(), weighted, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model_entry_vector(checkpoint["model"]).double(), weighted, rtol=0, atol=1e-6)
     resumed = run_loop(out, "--phase", "resume", "--strategy", "gossip_async")
     for r in range(RANKS):
         assert torch.equal(resumed[r]["own_after_load"], ranks[r]["own_at_save"]), f"rank {r} lost its own weights"

@@ -93,7 +93,7 @@ def main() -> None:
         record["own_at_save"] = vector(model)
         record["gossip_step_at_save"] = fabric.strategy.gossip_step
         if not fabric.strategy.options.asynchronous:
-            assert torch.equal(record["own_at_save"], own_before_save), "saving must give every rank its own weights back"
+            assert torch.equal(record["own_at_save"], own_before_save), "saving must give every rank its weights back"
         with fabric.strategy.consensus_swapped_in():  # nothing moved since the save: the consensus it wrote
             record["consensus_at_save"] = vector(model)
         record["mid_all_ranks"] = fabric.all_gather(vector(model)).cpu()  # every rank's own weights, mid-training
