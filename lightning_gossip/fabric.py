@@ -34,7 +34,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts
+from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
@@ -135,6 +135,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
+        destroy_process_group_at_exit()
         if self.world_size == 1:
             rank_zero_warn(
                 "GossipFabricStrategy runs with a single process (world size 1): nothing is gossiped. Use devices>1 "

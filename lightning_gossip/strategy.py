@@ -9,13 +9,12 @@ what is about gradients: the model is never wrapped in ``DistributedDataParallel
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
 import socket
 import uuid
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
@@ -47,7 +46,7 @@ from lightning_gossip.checkpoint_io import (
     parts_root,
     remove_old_parts,
 )
-from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts
+from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
@@ -238,7 +237,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         module = self.lightning_module
         if module is not None and module._trainer is not None:
             make_sigterm_handler_local(module.trainer)
-        _destroy_process_group_at_exit()
+        destroy_process_group_at_exit()
         if self.world_size == 1:
             rank_zero_warn(
                 "GossipStrategy runs with a single process (world size 1): nothing is gossiped and training is "
@@ -616,29 +615,6 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         strategy_registry.register(
             "gossip_async", cls, description="Asynchronous GoSGD gossip (no rank waits for another)", asynchronous=True
         )
-
-
-_AT_EXIT_REGISTERED = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Destroy the default process group when the interpreter exits, before the C++ runtime tears it down.
-
-    A gloo process group still alive at interpreter exit is destroyed by static destructors in no particular order,
-    which now and then ends a finished run with ``terminate called without an active exception`` (exit code -6).
-    Lightning's teardown leaves the group alive (a ``test`` after ``fit`` reuses it), so it is destroyed at exit.
-    """
-    global _AT_EXIT_REGISTERED
-    if _AT_EXIT_REGISTERED:
-        return
-    _AT_EXIT_REGISTERED = True
-
-    def destroy() -> None:
-        if dist.is_available() and dist.is_initialized():
-            with suppress(Exception):
-                dist.destroy_process_group()
-
-    atexit.register(destroy)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.
