@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from lightning_gossip._lightning_compat import SIGTERM_BROADCAST_METHOD
+from lightning_gossip.gossip import health
 from lightning_gossip.gossip.work_sharing import WorkSharingSampler
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class StopFlag:
 
     @staticmethod
     def _store() -> dist.Store:
-        return dist.distributed_c10d._get_default_store()
+        return health.default_store()  # calls bounded: a hung store host raises instead of hanging
 
     def raise_flag(self, reason: str) -> None:
         if reason not in self._seen:

@@ -3,6 +3,7 @@ for a checkpoint written for another model."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -10,12 +11,13 @@ import shutil
 import socket
 import uuid
 from contextlib import suppress
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_gossip._adapter import CHECKPOINT_KEY
 from lightning_gossip._lightning_compat import _is_local_file_protocol
 
 
@@ -40,6 +42,12 @@ class AtomicCheckpointIO(CheckpointIO):
             atomic_local_save(checkpoint, os.fspath(path))
         else:
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def writes_local_files_at_once(self, path: Any, storage_options: Optional[Any] = None) -> bool:
+        """Whether a save to ``path`` is a plain local file written before ``save_checkpoint`` returns (so the folder
+        can be swept of what killed saves left: no write of another plugin may still be under way)."""
+        plain = type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None
+        return plain and _is_local_file_protocol(path)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, **kwargs: Any) -> dict[str, Any]:
@@ -111,14 +119,23 @@ def atomic_local_save(checkpoint: Any, path: str) -> None:
             os.close(fd)
 
 
-def remove_stale_temporary_files(directory: str, name: str) -> list[str]:
-    """Remove ``.<name>.<host>.<pid>.*.tmp`` files in ``directory`` whose writer (a process on this host) is gone."""
-    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]+\.tmp$")
+_TEMPORARY = re.compile(rf"^\..+\.{re.escape(_HOST)}\.(\d+)\.[0-9a-f]+\.tmp$")
+
+
+def _stale_temporary(entry: str) -> bool:
+    """Whether ``entry`` is a temporary file of :func:`atomic_local_save` whose writer, on this host, is gone."""
+    match = _TEMPORARY.match(entry)
+    return bool(match) and not _process_alive(int(match.group(1)))
+
+
+def remove_stale_temporary_files(directory: str, name: Optional[str] = None) -> list[str]:
+    """Remove the temporary files in ``directory`` whose writer (a process on this host) is gone: those of
+    ``<name>`` (``.<name>.<host>.<pid>.*.tmp``), or of any file when ``name`` is None."""
+    prefix = f".{name}." if name is not None else "."
     removed = []
     with suppress(OSError):
         for entry in os.listdir(directory):
-            match = pattern.match(entry)
-            if match and not _process_alive(int(match.group(1))):
+            if entry.startswith(prefix) and _stale_temporary(entry):
                 with suppress(OSError):
                     os.unlink(os.path.join(directory, entry))
                     removed.append(entry)
@@ -147,12 +164,194 @@ def _process_alive(pid: int) -> bool:
 # one part per rank (that rank's own weights, optimizer state and gossip state, written by that rank) in
 # <main file>.parts/<save id>/rank<r>.pt. The save id is fresh for every save and recorded in the main file, which is
 # replaced last: a crash at any moment leaves the previous main file and the parts it names complete.
+#
+# A part carries what it belongs to under PART_HEADER_KEY (save id, rank, world size, a digest of its content), and
+# the main file records every part's size and digest, so a resume refuses, naming the file and what is wrong, a part
+# that is truncated, corrupted, another rank's, another save's or from another number of workers, on every rank and
+# before the first step (see verify_parts_everywhere). The functions below are what both adapters call.
+PART_HEADER_KEY = "gossip_part"
+PART_FORMAT = 1
+
+
+class CheckpointPartError(RuntimeError):
+    """A per-rank checkpoint part is missing, unreadable, or not the part the main file names."""
+
+
 def parts_root(path: str) -> str:
     return f"{path}.parts"
 
 
 def part_path(main_path: str, relative_dir: str, rank: int) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(main_path)), relative_dir, f"rank{rank}.pt")
+
+
+def parts_dir(main_path: str, save_id: str) -> str:
+    """The folder of one save's parts, relative to the main file's folder (what the main file records)."""
+    return os.path.join(os.path.basename(parts_root(main_path)), save_id)
+
+
+def content_digest(state: Any) -> str:
+    """A digest of everything in ``state``: every tensor's dtype, shape and bytes, and every other value's repr, in
+    the structure's order. Detects a part changed after it was written (a bit flip, a partial overwrite)."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            if tensor.numel():
+                flat = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
+                digest.update(memoryview(flat.numpy()))
+        elif isinstance(obj, Mapping):
+            digest.update(f"M{len(obj)}".encode())
+            for key, value in obj.items():
+                digest.update(repr(key).encode())
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}".encode())
+            for value in obj:
+                visit(value)
+        else:
+            digest.update(f"V{obj!r}".encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
+def save_part(
+    checkpoint_io: CheckpointIO, main_path: str, save_id: str, rank: int, world_size: int, state: dict[str, Any]
+) -> dict[str, Any]:
+    """Write this rank's part of save ``save_id`` of ``main_path`` (atomically, through ``checkpoint_io``) with its
+    header. Returns the record the main file keeps of it: ``{"rank", "bytes", "digest"}`` (``bytes`` -1 when the file
+    is not local)."""
+    if PART_HEADER_KEY in state:
+        raise ValueError(f"A checkpoint part's state may not use the key {PART_HEADER_KEY!r} (the part's header).")
+    digest = content_digest(state)
+    header = {"format": PART_FORMAT, "save_id": save_id, "rank": rank, "world_size": world_size, "digest": digest}
+    path = part_path(main_path, parts_dir(main_path, save_id), rank)
+    checkpoint_io.save_checkpoint({**state, PART_HEADER_KEY: header}, path)
+    size = -1
+    if _is_local_file_protocol(path):
+        with suppress(OSError):
+            size = os.path.getsize(path)
+    return {"rank": rank, "bytes": size, "digest": digest}
+
+
+def parts_entry(save_id: str, world_size: int, records: list[dict[str, Any]], main_path: str) -> dict[str, Any]:
+    """What the main file records of a save's parts (the adapters add their own keys, e.g. the step)."""
+    ordered = sorted(records, key=lambda record: record["rank"])
+    if [record["rank"] for record in ordered] != list(range(world_size)):
+        raise RuntimeError(f"A save needs one part per rank 0..{world_size - 1}, got ranks "
+                           f"{[record['rank'] for record in ordered]}.")
+    return {
+        "world_size": world_size,
+        "save_id": save_id,
+        "parts": parts_dir(main_path, save_id),
+        "part_bytes": [record["bytes"] for record in ordered],
+        "part_digests": [record["digest"] for record in ordered],
+    }
+
+
+def _part_problem_on_disk(main_path: str, entry: Mapping[str, Any], rank: int) -> Optional[str]:
+    """What is wrong with rank ``rank``'s part as seen from outside (missing, wrong size), or None."""
+    path = part_path(main_path, entry["parts"], rank)
+    if not _is_local_file_protocol(path):
+        return None
+    if not os.path.exists(path):
+        return (
+            f"rank {rank}'s part {path} does not exist: copy the folder {parts_root(main_path)} along with the file "
+            "(without parts, resuming onto a different number of workers starts from the consensus model)"
+        )
+    expected = (entry.get("part_bytes") or [None] * (rank + 1))[rank]
+    size = os.path.getsize(path)
+    if expected is not None and expected >= 0 and size != expected:
+        return (
+            f"rank {rank}'s part {path} has {size} bytes but the save wrote {expected}: it was truncated (an "
+            "interrupted copy, a full disk) or replaced by another file"
+        )
+    return None
+
+
+def load_part(
+    checkpoint_io: CheckpointIO, main_path: str, entry: Mapping[str, Any], rank: int, world_size: int, **load_kwargs: Any
+) -> dict[str, Any]:
+    """Read and check rank ``rank``'s part of the checkpoint ``main_path`` whose gossip entry is ``entry``.
+
+    Raises :class:`CheckpointPartError` naming the file and what is wrong: missing, truncated, unreadable, another
+    rank's, another save's, written by another number of workers, or corrupted (its content does not match its
+    digest). Returns the part's state without its header.
+    """
+    main_path = os.fspath(main_path)
+    path = part_path(main_path, entry["parts"], rank)
+    problem = _part_problem_on_disk(main_path, entry, rank)
+    if problem is not None:
+        raise CheckpointPartError(f"The checkpoint {main_path}: {problem}.")
+    inner = getattr(checkpoint_io, "checkpoint_io", checkpoint_io)  # the plugin itself: errors are named here
+    try:
+        part = inner.load_checkpoint(path, **load_kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever the reader says, the file is unusable: name it
+        size = ""
+        with suppress(OSError):
+            size = f" ({os.path.getsize(path)} bytes)"
+        raise CheckpointPartError(
+            f"The checkpoint {main_path}: rank {rank}'s part {path}{size} cannot be read ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): it is corrupted or truncated. "
+            "Resume from an earlier checkpoint."
+        ) from error
+    header = part.pop(PART_HEADER_KEY, None) if isinstance(part, dict) else None
+    expected_digests = entry.get("part_digests")
+    if header is None:
+        if expected_digests is None:
+            return part  # a part written before parts carried headers: nothing to check it against
+        raise CheckpointPartError(
+            f"The checkpoint {main_path}: rank {rank}'s part {path} has no part header: it is not a part written "
+            "by lightning-gossip for this checkpoint."
+        )
+    wrong = []
+    if header.get("rank") != rank:
+        wrong.append(f"it is rank {header.get('rank')}'s part, not rank {rank}'s (a part copied or moved into place?)")
+    if header.get("save_id") != entry.get("save_id"):
+        wrong.append(f"it belongs to save {header.get('save_id')}, but the main file names save {entry.get('save_id')}")
+    if header.get("world_size") != entry.get("world_size") or header.get("world_size") != world_size:
+        wrong.append(f"it was written by {header.get('world_size')} workers, the main file by "
+                     f"{entry.get('world_size')}, and this run has {world_size}")
+    if not wrong:
+        digest = content_digest(part)
+        recorded = expected_digests[rank] if expected_digests is not None else header.get("digest")
+        if digest != header.get("digest") or digest != recorded:
+            wrong.append("its content does not match the checksum written with it: the file is corrupted")
+    if wrong:
+        raise CheckpointPartError(f"The checkpoint {main_path}: rank {rank}'s part {path} is not usable: "
+                                  + "; ".join(wrong) + ". Resume from an earlier checkpoint.")
+    return part
+
+
+def verify_parts_everywhere(
+    main_path: str, entry: Mapping[str, Any], rank: int, own_problem: Optional[str], gather: Callable[[Any], list[Any]]
+) -> None:
+    """Before the first step, fail on every rank if any rank's part is not usable, naming each bad file.
+
+    Each rank has read and checked its own part in full (``own_problem``: what :func:`load_part` raised, or None);
+    here it also checks every other part's presence and size, then ``gather`` (an all-gather of one Python object
+    over the ranks, e.g. ``torch.distributed.all_gather_object``) shares the verdicts, so that a bad part of any rank
+    stops every rank at once instead of one rank failing and the others waiting for it.
+    """
+    problems = [own_problem] if own_problem else []
+    for other in range(int(entry["world_size"])):
+        if other != rank:
+            problem = _part_problem_on_disk(os.fspath(main_path), entry, other)
+            if problem is not None:
+                problems.append(f"The checkpoint {os.fspath(main_path)}: {problem}.")
+    verdicts = gather(problems)
+    seen: list[str] = []
+    for verdict in verdicts:
+        for problem in verdict or []:
+            if problem not in seen:
+                seen.append(problem)
+    if seen:
+        raise CheckpointPartError(
+            "Not resuming: " + " ".join(seen) + (" (seen from every rank)" if len(verdicts) > 1 else "")
+        )
 
 
 def remove_old_parts(main_path: str, keep_id: str) -> None:
@@ -162,6 +361,59 @@ def remove_old_parts(main_path: str, keep_id: str) -> None:
         for entry in os.listdir(root):
             if entry != keep_id:
                 shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def save_id_of(main_path: str) -> Optional[str]:
+    """The save id a main checkpoint file names (read without loading its tensors), or None if it names none or
+    cannot be read."""
+    try:
+        checkpoint = torch.load(main_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable (or needs a full unpickler): its parts are not ours to judge
+        return None
+    gossip = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    return gossip.get("save_id") if isinstance(gossip, dict) else None
+
+
+def leftovers(directory: str) -> list[str]:
+    """What interrupted saves left in the checkpoint folder ``directory``, safe to delete while no save runs there:
+
+    - temporary files ``.<name>.<host>.<pid>.<random>.tmp`` whose writer (a process on this host) is gone;
+    - save folders ``<file>.parts/<id>/`` that the main file ``<file>`` does not name, and whole ``<file>.parts/``
+      folders whose ``<file>`` does not exist (a save killed before its main file was written).
+    """
+    found: list[str] = []
+    with suppress(OSError):
+        entries = os.listdir(directory)
+        found += [os.path.join(directory, e) for e in entries if _stale_temporary(e)]
+        for entry in entries:
+            root = os.path.join(directory, entry)
+            if not entry.endswith(".parts") or not os.path.isdir(root):
+                continue
+            main = root[: -len(".parts")]
+            folders = sorted(os.listdir(root))
+            if not os.path.exists(main):
+                found.append(root)
+                continue
+            if len(folders) <= 1:
+                continue  # the one folder is the main file's (or an older layout): nothing to read
+            keep = save_id_of(main)
+            if keep is None or keep not in folders:
+                continue  # cannot tell which folder the main file names: leave them all
+            found += [os.path.join(root, folder) for folder in folders if folder != keep]
+    return found
+
+
+def remove_leftovers(directory: str) -> list[str]:
+    """Remove :func:`leftovers` of ``directory`` (after a save completed there; never during one)."""
+    removed = []
+    for path in leftovers(directory):
+        with suppress(OSError):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 def check_checkpoint_fits(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:

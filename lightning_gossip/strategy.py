@@ -40,11 +40,15 @@ from lightning_gossip._lightning_compat import (
 )
 from lightning_gossip.checkpoint_io import (
     AtomicCheckpointIO,
+    CheckpointPartError,
     _process_alive,
     check_checkpoint_fits,
-    part_path,
-    parts_root,
+    load_part,
+    parts_entry,
+    remove_leftovers,
     remove_old_parts,
+    save_part,
+    verify_parts_everywhere,
 )
 from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
 from lightning_gossip.gossip import GossipAverager, GossipOptions
@@ -501,16 +505,36 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             # asynchronous mode: every rank writes its part next to rank 0's file.
             path = filepath = self.broadcast(path)
         save_id = self._fresh_save_id()
-        relative = os.path.join(os.path.basename(parts_root(path)), save_id)
-        self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
+        records = self._write_parts(path, save_id, mine)  # every part is on disk before the main file names them
         del mine
-        with self._naming_lost_ranks("the barrier after every rank wrote its checkpoint part"):
-            dist.barrier()  # every part is on disk before the main file names them
         if self.is_global_zero:
-            gossip = {"world_size": self.world_size, "step": self.gossip_step, "parts": relative, "save_id": save_id}
+            gossip = {**parts_entry(save_id, self.world_size, records, path), "step": self.gossip_step}
             super().save_checkpoint({**checkpoint, CHECKPOINT_KEY: gossip}, filepath, storage_options=storage_options)
             if _is_local_file_protocol(path):
                 remove_old_parts(path, save_id)
+            if self.checkpoint_io.writes_local_files_at_once(path, storage_options):
+                remove_leftovers(os.path.dirname(os.path.abspath(path)))  # what killed saves left beside it
+
+    def _write_parts(self, path: str, save_id: str, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each rank writes its part (with its header); the records are gathered, and a rank that could not write
+        (a full disk) fails every rank, naming it, instead of leaving the others waiting."""
+        record: Optional[dict[str, Any]] = None
+        failure: Optional[str] = None
+        try:
+            record = save_part(self.checkpoint_io, path, save_id, self.global_rank, self.world_size, mine)
+        except Exception as error:  # noqa: BLE001 - reported on every rank below, then raised here with its cause
+            failure = f"rank {self.global_rank}: {type(error).__name__}: {error}"
+            failed = error
+        everyone: list[Any] = [None] * self.world_size
+        with self._naming_lost_ranks("the exchange of the checkpoint parts every rank wrote"):
+            dist.all_gather_object(everyone, (record, failure))
+        failures = [entry[1] for entry in everyone if entry[1]]
+        if failures:
+            text = f"Could not save the checkpoint {path}: a part could not be written ({'; '.join(failures)})."
+            if failure is not None:
+                raise RuntimeError(text) from failed
+            raise RuntimeError(text)
+        return [entry[0] for entry in everyone]
 
     def _fresh_save_id(self) -> str:
         """A random id from rank 0, the same on every rank (not from torch's generator: training stays bitwise
@@ -531,15 +555,28 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         module = self.lightning_module
         fitting = module is not None and module._trainer is not None and self._fitting(module.trainer)
         if isinstance(gossip, dict) and "parts" in gossip and fitting and gossip["world_size"] == self.world_size:
-            part = part_path(os.fspath(checkpoint_path), gossip["parts"], self.global_rank)
-            if not os.path.exists(part) and _is_local_file_protocol(part):
-                raise FileNotFoundError(
-                    f"The checkpoint {os.fspath(checkpoint_path)} names rank {self.global_rank}'s part {part}, which "
-                    f"does not exist: copy the folder {parts_root(os.fspath(checkpoint_path))} along with the file. "
-                    f"(Without parts, resuming onto a different number of workers starts from the consensus model.)"
-                )
-            checkpoint[CHECKPOINT_KEY] = {**gossip, "mine": self.checkpoint_io.load_checkpoint(part, **extra)}
+            checkpoint[CHECKPOINT_KEY] = {**gossip, "mine": self._load_own_part(os.fspath(checkpoint_path), gossip, extra)}
         return checkpoint
+
+    def _load_own_part(self, path: str, gossip: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+        """This rank's part, checked in full, and every other rank's part checked for presence and size; a bad part
+        of any rank fails every rank, naming the file, before the first step (a collective: every rank resumes)."""
+        mine: Optional[dict[str, Any]] = None
+        problem: Optional[str] = None
+        try:
+            mine = load_part(self.checkpoint_io, path, gossip, self.global_rank, self.world_size, **extra)
+        except CheckpointPartError as error:
+            problem = str(error)
+
+        def gather(obj: Any) -> list[Any]:
+            everyone: list[Any] = [None] * self.world_size
+            with self._naming_lost_ranks("the check of every rank's checkpoint part"):
+                dist.all_gather_object(everyone, obj)
+            return everyone
+
+        verify_parts_everywhere(path, gossip, self.global_rank, problem, gather)
+        assert mine is not None
+        return mine
 
     @staticmethod
     def _own_state(gossip: Mapping[str, Any], rank: int) -> Mapping[str, Any]:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gossip.gossip import health
 from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipPeerError, NonFiniteGossipError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.schedule import _STREAM_PEER, _STREAM_SEND, uniform
@@ -428,7 +429,7 @@ class AsyncGossipExchange:
         store = None
         if checkpoint is not None:
             try:
-                store = dist.distributed_c10d._get_default_store()
+                store = health.default_store()  # calls bounded: its host may be the rank that hangs
                 store.set(self._key(checkpoint, self.rank), "1")
             except Exception:  # noqa: BLE001 - naming the culprit is a courtesy; the all-reduce decides
                 store = None
@@ -447,8 +448,8 @@ class AsyncGossipExchange:
 
     def _absent(self, store: Any, checkpoint: Optional[str]) -> list[int]:
         try:
-            store.set_timeout(timedelta(seconds=2))
-            return [r for r in range(self.world_size) if not store.check([self._key(checkpoint, r)])]
+            bounded = store.with_deadline(2.0)
+            return [r for r in range(self.world_size) if not bounded.check([self._key(checkpoint, r)])]
         except Exception:  # noqa: BLE001 - the store lives in rank 0's process, which may be the one lost
             return []
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gossip.gossip.counters import GossipCounters
-from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
+from lightning_gossip.gossip import health
+from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard, raise_if_hang_declared
 from lightning_gossip.gossip.exchange import Exchange, GossipExchange
 from lightning_gossip.gossip.options import GossipOptions
 from lightning_gossip.gossip.schedule import GossipSchedule
@@ -106,6 +107,7 @@ class GossipAverager:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._health = self._watch_health()
         validate_topology(options.topology, self.world_size)
         self.schedule = GossipSchedule(self.world_size, options.p, options.topology, options.schedule_seed())
         self.state = GossipState(
@@ -116,6 +118,13 @@ class GossipAverager:
         self._step = 0
         if broadcast:
             self.broadcast_from_rank_zero()
+
+    def _watch_health(self) -> Optional[health.HealthMonitor]:
+        """Heartbeats and the hang watchdog (see :mod:`~lightning_gossip.gossip.health`), armed while training."""
+        monitor = health.start()
+        if monitor is not None:
+            monitor.arm()
+        return monitor
 
     # -- public read-outs -----------------------------------------------------------------------------------------
     @property
@@ -153,6 +162,8 @@ class GossipAverager:
     # -- the algorithm --------------------------------------------------------------------------------------------
     def step(self) -> None:
         """The GoSGD step after an optimizer step: maybe push to a peer, mix in what was sent to this rank."""
+        if self._health is not None and self._health.declared():
+            raise_if_hang_declared(self.rank)  # a peer hangs: say so now, not at the next wait for it
         if self.world_size > 1:
             self.exchange.step(self._step)
         self._step += 1
@@ -180,6 +191,8 @@ class GossipAverager:
         else:
             self.finish()
         self.exchange.close()
+        if self._health is not None:
+            self._health.disarm()  # the run ended normally: peers may now exit at any moment
 
     def check_same_step_count(self) -> None:
         """Raise :class:`GossipScheduleError` on every rank if the ranks took different numbers of steps."""

@@ -11,6 +11,10 @@ there is only one other rank and otherwise says which operation failed.
 A lost rank cascades: its peers stop, and then their peers see *them* vanish. So the first rank to see a lost peer
 records that in the process group's key-value store (best effort, two seconds at most), and every later error quotes
 it: each rank's error then names the rank that was lost first, not only the neighbour that stopped after it.
+
+A rank that hangs is told apart from one that is merely waiting by the heartbeats of
+:mod:`~lightning_gossip.gossip.health`: every error built here asks them first, and names the hung (or, on this host,
+dead) rank, whichever rank this one happened to be waiting for.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from datetime import timedelta
 from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
+
+from lightning_gossip.gossip import health
 
 
 class GossipScheduleError(RuntimeError):
@@ -67,8 +73,9 @@ def _first_loss(report: Optional[str]) -> Optional[str]:
     Best effort: the store lives in one rank's process, which may be the one that died (then this gives up fast).
     """
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set_timeout(_STORE_TIMEOUT)  # this run is failing; never wait the process-group timeout here
+        # This run is failing; never wait the process-group timeout here, and never for ever (a TCPStore client
+        # retries a read that gets no answer without end when the store's host hangs).
+        store = health.default_store().with_deadline(_STORE_TIMEOUT.total_seconds())
         if report is None:
             if not store.check([_FIRST_LOSS_KEY]):
                 return None
@@ -89,14 +96,48 @@ _ADVICE = "This run cannot continue: restart it from the last checkpoint (Traine
 
 
 def peer_lost_error(rank: int, peers: Sequence[int], what: str, error: BaseException) -> GossipPeerError:
-    """The error for a failed operation ``what`` of ``rank`` that waited for ``peers`` (and record it as lost)."""
-    who = _ranks(peers)
-    text = (
-        f"Rank {rank} lost gossip peer {who} during {what}: {_detail(error)}. The peer process most likely died "
-        f"(killed, out of memory, crashed) or did not answer within the process-group timeout; see the log of {who}."
-    )
+    """The error for a failed operation ``what`` of ``rank`` that waited for ``peers`` (and record it as lost).
+
+    When the heartbeats show a hung rank (or a rank on this host whose process is gone), the error names that rank,
+    even if this one was waiting for another (which is then alive, waiting itself): ``peers`` are the named ranks.
+    """
+    found = health.diagnose()
+    culprits = found.culprits if found else []
+    waited = sorted(set(peers))
+    if culprits:
+        named = [r for r in waited if r in culprits] or culprits
+        who = _ranks(named)
+        text = f"Rank {rank} lost gossip peer {who} during {what}: {health.explain(found)}."
+        if named != waited:
+            text += f" (This rank was waiting for {_ranks(waited)}, which is alive.)"
+        text += f" The backend said: {_detail(error)}."
+        peers = named
+    else:
+        who = _ranks(waited)
+        text = (
+            f"Rank {rank} lost gossip peer {who} during {what}: {_detail(error)}. The peer process most likely died "
+            f"(killed, out of memory, crashed) or did not answer within the process-group timeout; see the log of "
+            f"{who}."
+        )
+        if found is not None and found.store_unresponsive is not None:
+            text += f" {health.explain(found)}."
     text = _with_first_loss(text, f"rank {rank} lost gossip peer {who} during {what}")
     return GossipPeerError(f"{text} {_ADVICE}", rank, peers)
+
+
+def raise_if_hang_declared(rank: int) -> None:
+    """Raise the :class:`GossipPeerError` for a hung rank the watchdog has declared (cheap: no store call)."""
+    monitor = health.current()
+    found = monitor.declared() if monitor is not None else None
+    if not found:
+        return
+    culprits = found.culprits
+    text = (
+        f"Rank {rank} lost gossip peer {_ranks(culprits) if culprits else 'the store host'} while training: "
+        f"{monitor.explain(found)} (its heartbeat in the store stopped for the process-group timeout, "
+        f"{monitor.timeout_s:.0f} s)."
+    )
+    raise GossipPeerError(f"{text} {_ADVICE}", rank, culprits)
 
 
 @contextmanager
@@ -115,6 +156,9 @@ def collective_guard(what: str, group: Optional[dist.ProcessGroup] = None) -> It
             raise
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         others = [r for r in range(world_size) if r != rank]
+        found = health.diagnose()
+        if found and found.culprits:
+            raise peer_lost_error(dist.get_rank(), found.culprits, what, error) from error
         if len(others) == 1:
             raise peer_lost_error(rank, others, what, error) from error
         text = (

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from lightning_gossip.gossip import health
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -101,7 +103,7 @@ class WorkSharingSampler(Sampler[int]):
                     "WorkSharingSampler needs a store shared by every rank: initialise the process group first "
                     "or pass store=."
                 )
-            self._store = dist.distributed_c10d._get_default_store()
+            self._store = health.default_store()  # calls bounded: a hung store host raises instead of hanging
         return self._store
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -27,10 +27,12 @@ def import_gossip() -> types.ModuleType:
 
 
 def fault_worker(
-    rank: int, world_size: int, port: int, mode: str, fault_rank: int, fault_step: int, timeout_s: float, queue: Any
+    rank: int, world_size: int, port: int, mode: str, fault_rank: int, fault_step: int, timeout_s: float, queue: Any,
+    asynchronous: bool = False,
 ) -> None:
     """GossipAverager steps until ``fault_rank`` kills (``mode='kill'``) or stops (``'hang'``) itself; report why
-    each other rank stopped: ``(rank, kind, time.time(), text, peers)``."""
+    each other rank stopped: ``(rank, kind, time.time(), text, peers)``. Rank 0 hosts the store (env:// rendezvous).
+    ``asynchronous``: the asynchronous exchange (a survivor never waits for the stopped rank in a step)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -39,10 +41,12 @@ def fault_worker(
 
     torch.manual_seed(rank)
     model = nn.Linear(8, 8)
-    gossip = GossipAverager(model, p=0.5, topology="random", seed=3)
+    gossip = GossipAverager(model, p=0.5, topology="random", seed=3, asynchronous=asynchronous)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     try:
-        for step in range(100_000):
+        for step in range(100_000 if not asynchronous else 10_000_000):
+            if asynchronous:
+                time.sleep(0.002)  # a training step's worth of time: the ranks do not spin on 2 shared cores
             if rank == fault_rank and step == fault_step:
                 queue.put((rank, "fault", time.time(), mode, []))
                 os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGSTOP)

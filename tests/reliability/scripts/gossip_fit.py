@@ -18,6 +18,9 @@ Faults (for the tests of dead workers and preemption):
   --kill-rank R --kill-step S   rank R sends itself SIGKILL right after optimizer step S (global step S+1 done).
   --kill-in-save N              rank 0 sends itself SIGKILL just after it opens its N-th file for writing inside a
                                 checkpoint directory (a crash in the middle of writing a checkpoint).
+  --stop-rank R --stop-step S   rank R sends itself SIGSTOP right after optimizer step S (a hung rank: it never ends
+                                by itself); every rank notes its pid in OUT/pid_rank{r}.txt when training starts.
+  --asynchronous                GossipStrategy(asynchronous=True).
 """
 
 import argparse
@@ -117,6 +120,24 @@ def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
     builtins.open = open_
 
 
+class StopAtStep(L.Callback):
+    """SIGSTOP: the process stays, every thread frozen (a wedged driver, a swapping host, a stuck filesystem)."""
+
+    def __init__(self, out: str, rank: int, step: int) -> None:
+        self.out, self.rank, self.step = out, rank, step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.out, f"pid_rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step + 1:
+            with open(os.path.join(self.out, "fault.txt"), "w") as f:
+                f.write(f"{time.time()}\nrank {self.rank} stopped after optimizer step {self.step}\n")
+            print(f"FAULT: rank {self.rank} stopped (SIGSTOP) after optimizer step {self.step}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class KillInValidation(L.Callback):
     def __init__(self, out: str, rank: int) -> None:
         self.out, self.rank = out, rank
@@ -196,6 +217,9 @@ def main() -> None:
     parser.add_argument("--sleep-s", type=float, default=8.0)
     parser.add_argument("--uneven", type=int, default=0)
     parser.add_argument("--kill-in-validation", type=int, default=None)
+    parser.add_argument("--stop-rank", type=int, default=None)
+    parser.add_argument("--stop-step", type=int, default=None)
+    parser.add_argument("--asynchronous", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -213,6 +237,7 @@ def main() -> None:
             staleness=run.get("staleness"),
             final_consensus=args.final_consensus,
             timeout=timedelta(seconds=args.timeout_s),
+            asynchronous=args.asynchronous,
         )
         callbacks: list = []
         if run.get("ckpt_dir"):
@@ -230,6 +255,8 @@ def main() -> None:
             )
         if args.kill_rank is not None:
             callbacks.append(KillAtStep(args.out, args.kill_rank, args.kill_step))
+        if args.stop_rank is not None:
+            callbacks.append(StopAtStep(args.out, args.stop_rank, args.stop_step))
         if args.kill_in_validation is not None:
             callbacks.append(KillInValidation(args.out, args.kill_in_validation))
         if args.sleep_in_save is not None:
