@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
-from lightning_gossip.gossip import GossipAverager, GossipOptions
+from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.errors import collective_guard
@@ -136,6 +136,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     def setup_environment(self) -> None:
         super().setup_environment()
         destroy_process_group_at_exit()
+        health.start()  # heartbeats and the hang watchdog (armed by the averager while training)
         if self.world_size == 1:
             rank_zero_warn(
                 "GossipFabricStrategy runs with a single process (world size 1): nothing is gossiped. Use devices>1 "
@@ -227,6 +228,27 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             return True
         mine = next(iter(self.averager.module.parameters()), None)
         return mine is not None and any(p is mine for p in obj.parameters())
+
+    # -- Fabric's collectives: a lost or hung rank becomes a GossipPeerError naming it (as in the Trainer) ----------
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with collective_guard("fabric.barrier()"):
+            super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with collective_guard(f"fabric.broadcast() from rank {src}"):
+            return super().broadcast(obj, src=src)
+
+    @override
+    def all_gather(self, *args: Any, **kwargs: Any) -> Any:
+        with collective_guard("fabric.all_gather()"):
+            return super().all_gather(*args, **kwargs)
+
+    @override
+    def all_reduce(self, *args: Any, **kwargs: Any) -> Any:
+        with collective_guard("fabric.all_reduce()"):
+            return super().all_reduce(*args, **kwargs)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property  # type: ignore[override]

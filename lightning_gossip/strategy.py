@@ -51,7 +51,7 @@ from lightning_gossip.checkpoint_io import (
     verify_parts_everywhere,
 )
 from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
-from lightning_gossip.gossip import GossipAverager, GossipOptions
+from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
@@ -242,6 +242,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         if module is not None and module._trainer is not None:
             make_sigterm_handler_local(module.trainer)
         destroy_process_group_at_exit()
+        health.start()  # heartbeats and the hang watchdog (armed by the averager while training)
         if self.world_size == 1:
             rank_zero_warn(
                 "GossipStrategy runs with a single process (world size 1): nothing is gossiped and training is "

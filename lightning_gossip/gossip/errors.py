@@ -109,7 +109,7 @@ def peer_lost_error(rank: int, peers: Sequence[int], what: str, error: BaseExcep
         who = _ranks(named)
         text = f"Rank {rank} lost gossip peer {who} during {what}: {health.explain(found)}."
         if named != waited:
-            text += f" (This rank was waiting for {_ranks(waited)}, which is alive.)"
+            text += f" (The operation that failed was waiting for {_ranks(waited)}.)"
         text += f" The backend said: {_detail(error)}."
         peers = named
     else:

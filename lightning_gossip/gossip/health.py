@@ -296,6 +296,7 @@ class Diagnosis:
     dead: list[int] = field(default_factory=list)
     store_unresponsive: Optional[float] = None  # seconds without an answer from the store
     killed: list[int] = field(default_factory=list)
+    silent: dict[int, float] = field(default_factory=dict)  # dead rank -> seconds without a heartbeat (it hung first)
 
     @property
     def culprits(self) -> list[int]:
@@ -447,6 +448,11 @@ class HealthMonitor:
                 identity = self.identities.get(r)
                 if identity is not None and identity.gone():
                     found.dead.append(r)
+                    quiet = now - self._changed[r] if r in self._changed else 0.0
+                    if r == store_host_rank():
+                        quiet = max(quiet, waiting)
+                    if quiet >= stale_s:
+                        found.silent[r] = quiet  # it hung before it died (killed by a watchdog, say)
                     continue
                 # Judged on the answers this rank got: frozen for stale_s in what the store last said (a read that
                 # is still waiting for its answer says nothing about the others).
@@ -476,9 +482,14 @@ class HealthMonitor:
             why = f"no heartbeat for {found.hung[r]:.0f} s"
             if found.store_unresponsive is not None and r == store_host_rank():
                 why = f"it hosts the process group's store, which has not answered for {found.store_unresponsive:.0f} s"
-            parts.append(f"{self.describe(r)} hangs ({why}{'; killed so the run can end' if r in found.killed else ''})")
+            killed = "; this rank killed it so the run can end" if r in found.killed else ""
+            parts.append(f"{self.describe(r)} hangs ({why}{killed})")
         for r in found.dead:
-            parts.append(f"{self.describe(r)} is gone (its process exited)")
+            if r in found.silent:
+                parts.append(f"{self.describe(r)} hung (no sign of life for {found.silent[r]:.0f} s) and is gone now "
+                             "(killed by a watchdog, or it exited)")
+            else:
+                parts.append(f"{self.describe(r)} is gone (its process exited or was killed)")
         if found.store_unresponsive is not None and store_host_rank() is None:
             parts.append(f"the process group's store ({describe_store_host()}) has not answered for "
                          f"{found.store_unresponsive:.0f} s")
@@ -490,10 +501,11 @@ class HealthMonitor:
             return found
         for r in sorted(found.hung):
             identity = self.identities.get(r)
+            who = self.describe(r)
             if identity is not None and identity.kill():
                 found.killed.append(r)
-                self._say(("killed", r), f"lightning_gossip: rank {self.rank} killed {self.describe(r)} with SIGKILL: "
-                          f"it hung ({self._why(found, r)}) and a stopped process cannot end by itself.")
+                self._say(("killed", r), f"lightning_gossip: rank {self.rank} killed {who} with SIGKILL: it hung "
+                          f"({self._why(found, r)}) and a stopped process cannot end by itself.")
         return found
 
     def _why(self, found: Diagnosis, r: int) -> str:
@@ -608,13 +620,19 @@ def current() -> Optional[HealthMonitor]:
     return monitor
 
 
-def diagnose(stale_s: Optional[float] = None, act: bool = True) -> Optional[Diagnosis]:
+def diagnose(stale_s: Optional[float] = None, act: bool = True, settle_s: float = 1.0) -> Optional[Diagnosis]:
     """What the heartbeats say now (None without a monitor). ``act``: kill the hung ranks on this host (a failing
-    collective or exchange asks: the run is over, and a stopped process cannot end by itself)."""
+    collective or exchange asks: the run is over, and a stopped process cannot end by itself). ``settle_s``: with no
+    culprit yet, look again for that long: a killed peer's connections close a moment before its process is seen
+    to be gone."""
     monitor = current()
     if monitor is None:
         return None
+    deadline = time.monotonic() + settle_s
     found = monitor.diagnose(stale_s)
+    while not found.culprits and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = monitor.diagnose(stale_s)
     return monitor.act_on(found) if act and found.hung else found
 
 
