@@ -3,7 +3,7 @@
 Run as ``python gossip_fit.py OUT --devices N --plan JSON [options]``; Lightning's popen launcher re-runs this script
 (with the same argv) once per extra rank. ``--plan`` is a JSON list of fits run one after another in the same
 processes, each ``{"name": ..., "epochs": E, "ckpt_dir": DIR, "resume": PATH, "overlap": bool, "p": P,
-"save_on_train_epoch_end": bool, "save_last": bool, "hidden": H}`` (all but
+"save_on_train_epoch_end": bool, "save_last": bool, "hidden": H, "filename": F}`` (all but
 name and epochs optional). For every fit each
 rank writes ``OUT/{name}_rank{r}.pt`` with what it held at the start and at the end of the fit: every tensor of the
 model, the gossip weight, the schedule position, the message in flight, counters, optimizer state and the warnings.
@@ -17,7 +17,8 @@ Faults (for the tests of dead workers and preemption):
   --uneven K                    rank r trains on a shard of n + K*r samples (no DistributedSampler): uneven epochs.
   --kill-rank R --kill-step S   rank R sends itself SIGKILL right after optimizer step S (global step S+1 done).
   --kill-in-save N              rank 0 sends itself SIGKILL just after it opens its N-th file for writing inside a
-                                checkpoint directory (a crash in the middle of writing a checkpoint).
+                                checkpoint directory (a crash in the middle of writing a checkpoint);
+                                --kill-in-save-rank R: rank R instead (its N-th file: a part).
   --stop-rank R --stop-step S   rank R sends itself SIGSTOP right after optimizer step S (a hung rank: it never ends
                                 by itself); every rank notes its pid in OUT/pid_rank{r}.txt when training starts.
   --asynchronous                GossipStrategy(asynchronous=True).
@@ -99,7 +100,7 @@ class KillAtStep(L.Callback):
             die(self.out, f"rank {self.rank} killed after optimizer step {self.step}")
 
 
-def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
+def kill_in_save(out: str, nth: int, directories: list[str], rank: int = 0) -> None:
     """Crash (SIGKILL) right after the nth write-mode open of a file inside one of ``directories``."""
     real_open = builtins.open
     count = [0]
@@ -114,7 +115,7 @@ def kill_in_save(out: str, nth: int, directories: list[str]) -> None:
                 if count[0] == nth:
                     handle.write(b"partial")
                     handle.flush()
-                    die(out, f"rank 0 killed while writing {path}")
+                    die(out, f"rank {rank} killed while writing {path}")
         return handle
 
     builtins.open = open_
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-step", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
+    parser.add_argument("--kill-in-save-rank", type=int, default=0)
     parser.add_argument("--sleep-in-save", type=int, default=None)
     parser.add_argument("--sleep-s", type=float, default=8.0)
     parser.add_argument("--uneven", type=int, default=0)
@@ -225,8 +227,9 @@ def main() -> None:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     plan = json.loads(args.plan)
-    if args.kill_in_save and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        kill_in_save(args.out, args.kill_in_save, [run["ckpt_dir"] for run in plan if run.get("ckpt_dir")])
+    if args.kill_in_save and int(os.environ.get("LOCAL_RANK", "0")) == args.kill_in_save_rank:
+        kill_in_save(args.out, args.kill_in_save, [run["ckpt_dir"] for run in plan if run.get("ckpt_dir")],
+                     args.kill_in_save_rank)
 
     for run in plan:
         L.seed_everything(7, verbose=False)
@@ -244,7 +247,7 @@ def main() -> None:
             callbacks.append(
                 ModelCheckpoint(
                     dirpath=run["ckpt_dir"],
-                    filename="epoch{epoch}",
+                    filename=run.get("filename", "epoch{epoch}"),
                     auto_insert_metric_name=False,
                     save_top_k=-1,
                     save_last=run.get("save_last", False),
