@@ -122,6 +122,7 @@ def peer_lost_error(rank: int, peers: Sequence[int], what: str, error: BaseExcep
         if found is not None and found.store_unresponsive is not None:
             text += f" {health.explain(found)}."
     text = _with_first_loss(text, f"rank {rank} lost gossip peer {who} during {what}")
+    health.report_failure(list(peers))
     return GossipPeerError(f"{text} {_ADVICE}", rank, peers)
 
 
@@ -137,6 +138,7 @@ def raise_if_hang_declared(rank: int) -> None:
         f"{monitor.explain(found)} (its heartbeat in the store stopped for the process-group timeout, "
         f"{monitor.timeout_s:.0f} s)."
     )
+    health.report_failure(culprits)
     raise GossipPeerError(f"{text} {_ADVICE}", rank, culprits)
 
 

@@ -54,6 +54,11 @@ T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 1.0
 _PREFIX = "lightning_gossip/health"
 _DONE = "done"
+_FAILED = "failed="
+
+
+def _csv(ranks: list[int]) -> str:
+    return ",".join(str(r) for r in ranks)
 KILL_ENV = "LIGHTNING_GOSSIP_KILL_HUNG_PEERS"
 # Extra time a store call may take beyond the store's own timeout before it counts as unanswered.
 _STORE_MARGIN_S = 2.0
@@ -208,10 +213,10 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 _STATES = {
-    "T": "stopped (SIGSTOP or a job-control stop)",
+    "T": "stopped by SIGSTOP or job control",
     "t": "stopped by a debugger or tracer",
-    "D": "in uninterruptible sleep (a stuck filesystem or driver)",
-    "Z": "a zombie (dead, not yet reaped)",
+    "D": "in uninterruptible sleep: a stuck filesystem or driver",
+    "Z": "a zombie: dead, not yet reaped",
     "R": "running",
     "S": "sleeping",
 }
@@ -297,13 +302,15 @@ class Diagnosis:
     store_unresponsive: Optional[float] = None  # seconds without an answer from the store
     killed: list[int] = field(default_factory=list)
     silent: dict[int, float] = field(default_factory=dict)  # dead rank -> seconds without a heartbeat (it hung first)
+    # ranks named by another rank whose error came first (when this rank sees no culprit itself): culprit -> reporter
+    reported: dict[int, int] = field(default_factory=dict)
 
     @property
     def culprits(self) -> list[int]:
-        return sorted(set(self.hung) | set(self.dead))
+        return sorted(set(self.hung) | set(self.dead) | set(self.reported))
 
     def __bool__(self) -> bool:
-        return bool(self.hung or self.dead or self.store_unresponsive is not None)
+        return bool(self.hung or self.dead or self.reported or self.store_unresponsive is not None)
 
 
 class HealthMonitor:
@@ -333,6 +340,8 @@ class HealthMonitor:
         self._beats: dict[int, str] = {}
         self._changed: dict[int, float] = {}
         self._retired: set[int] = set()
+        self._reports: dict[int, list[int]] = {}  # rank -> the ranks its GossipPeerError named
+        self._failed_with: Optional[list[int]] = None
         self._last_answer = time.monotonic()
         self._asking_since: Optional[float] = None
         self._store_stuck_at: Optional[float] = None
@@ -365,11 +374,28 @@ class HealthMonitor:
         self._stopped.set()
 
     def retire(self) -> None:
-        """This process is ending normally: peers stop watching it (best effort, never waits for an answer)."""
+        """This process is ending: peers stop watching it (best effort, half a second at most: the connection may be
+        held by a heartbeat read that waits for a hung store host)."""
         self.disarm()
-        with suppress(Exception):
-            self.store.set(self._key("beat", self.rank), _DONE)  # a set is sent without waiting for a reply
+        final = _DONE if self._failed_with is None else f"{_FAILED}{_csv(self._failed_with)}"
+        self._write_beat(final)
         self.stop()
+
+    def report_failure(self, culprits: list[int]) -> None:
+        """This rank raised a GossipPeerError naming ``culprits``: its heartbeat says so from now on, so that the
+        others, whose own view may come too late, name the same ranks (and do not take this rank, which may exit at
+        once, for a culprit)."""
+        if self._failed_with is None and culprits:
+            self._failed_with = sorted(set(culprits))
+            self._write_beat(self._beat_value())
+
+    def _beat_value(self) -> str:
+        value = str(self._counter)
+        return value if self._failed_with is None else f"{value};{_FAILED}{_csv(self._failed_with)}"
+
+    def _write_beat(self, value: str) -> None:
+        with suppress(Exception):
+            call_with_deadline(lambda: self.store.set(self._key("beat", self.rank), value), 0.5, "heartbeat")
 
     def arm(self) -> None:
         """Training is in progress: hung ranks are declared (and acted on) from now on."""
@@ -393,7 +419,7 @@ class HealthMonitor:
         try:
             while not self._stopped.is_set():
                 self._counter += 1
-                self.store.set(self._key("beat", self.rank), str(self._counter))
+                self.store.set(self._key("beat", self.rank), self._beat_value())
                 missing = [r for r in others if r not in self.identities]
                 self._asking_since = time.monotonic()
                 if missing:
@@ -412,6 +438,8 @@ class HealthMonitor:
                         text = value.decode()
                         if text == _DONE:
                             self._retired.add(r)
+                        if _FAILED in text:
+                            self._reports[r] = [int(x) for x in text.split(_FAILED, 1)[1].split(",") if x]
                         if self._beats.get(r) != text:
                             self._beats[r] = text
                             self._changed[r] = now
@@ -442,9 +470,10 @@ class HealthMonitor:
             if self._store_stuck_at is not None:
                 waiting = max(waiting, now - self._store_stuck_at)
             answered_recently = waiting < stale_s and not self._store_gone
+            reports = dict(self._reports)
             for r in range(self.world_size):
-                if r == self.rank or r in self._retired:
-                    continue
+                if r == self.rank or r in self._retired or r in reports:
+                    continue  # a rank that reported a failure is a consequence, whether it still runs or not
                 identity = self.identities.get(r)
                 if identity is not None and identity.gone():
                     found.dead.append(r)
@@ -463,16 +492,23 @@ class HealthMonitor:
             host = store_host_rank()
             if host is not None and host != self.rank and host not in found.dead and host not in self._retired:
                 found.hung.setdefault(host, waiting)
+        if not found.hung and not found.dead:
+            for reporter, named in sorted(reports.items()):
+                for r in named:
+                    if r != self.rank and r not in reports:
+                        found.reported.setdefault(r, reporter)
         return found
 
-    def describe(self, rank: int) -> str:
+    def describe(self, rank: int, state: bool = True) -> str:
+        """``rank 2 (pid 123 on host h)``, with the process's state when it is on this host and telling (stopped, in
+        uninterruptible sleep)."""
         identity = self.identities.get(rank)
         if identity is None:
             return f"rank {rank}"
         text = f"rank {rank} ({identity.describe()}"
-        state = identity.state()
-        if state is not None and state in _STATES and state not in ("R", "S"):
-            text += f", {_STATES[state]}"
+        letter = identity.state() if state else None
+        if letter is not None and letter in _STATES and letter not in ("R", "S", "Z"):
+            text += f"; {_STATES[letter]}"
         return text + ")"
 
     def explain(self, found: Diagnosis) -> str:
@@ -490,6 +526,8 @@ class HealthMonitor:
                              "(killed by a watchdog, or it exited)")
             else:
                 parts.append(f"{self.describe(r)} is gone (its process exited or was killed)")
+        for r, reporter in sorted(found.reported.items()):
+            parts.append(f"{self.describe(r)} was lost (rank {reporter}, whose error came first, named it)")
         if found.store_unresponsive is not None and store_host_rank() is None:
             parts.append(f"the process group's store ({describe_store_host()}) has not answered for "
                          f"{found.store_unresponsive:.0f} s")
@@ -634,6 +672,13 @@ def diagnose(stale_s: Optional[float] = None, act: bool = True, settle_s: float 
         time.sleep(0.05)
         found = monitor.diagnose(stale_s)
     return monitor.act_on(found) if act and found.hung else found
+
+
+def report_failure(culprits: list[int]) -> None:
+    """This rank is failing with an error that names ``culprits`` (see :meth:`HealthMonitor.report_failure`)."""
+    monitor = current()
+    if monitor is not None:
+        monitor.report_failure(culprits)
 
 
 def explain(found: Diagnosis) -> str:

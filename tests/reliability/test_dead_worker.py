@@ -66,7 +66,9 @@ def test_averager_names_a_dead_or_hung_peer(mode: str) -> None:
         # Each survivor names rank 1: directly, or as the first loss of the run (a survivor that only exchanges with
         # the other survivor sees that one stop).
         assert peers == [fault_rank] or f"lost gossip peer rank {fault_rank}" in text, text
-        assert "The peer process most likely died" in text and "restart it from the last checkpoint" in text
+        # what happened to it: seen by the heartbeats (gone, hung) or, without them, the likely causes
+        assert re.search(r"is gone|hangs|hung|The peer process most likely died", text), text
+        assert "restart it from the last checkpoint" in text
         if mode == "kill":
             assert when - fault_time < timeout_s, (when - fault_time, text)  # a dead peer is seen at once
         else:
