@@ -75,7 +75,8 @@ def test_averager_names_a_dead_or_hung_peer(mode: str) -> None:
             assert when - fault_time < 2 * timeout_s + 5, (when - fault_time, text)  # a hung one after the timeout
         assert procs[r].exitcode == 0  # the survivor got the error and ended on its own
     if mode == "hang":
-        assert any("Timed out" in reports[r][2] for r in survivors)
+        # seen as a hang: a timeout, or the heartbeats (a survivor's watchdog may kill the stopped rank first)
+        assert any(re.search(r"Timed out|hangs|hung", reports[r][2]) for r in survivors)
 
 
 def _fault_time(out: Path) -> float:
