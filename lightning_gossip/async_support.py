@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 from lightning_gossip._lightning_compat import SIGTERM_BROADCAST_METHOD
-from lightning_gossip.gossip import health
+from lightning_gossip.gossip.errors import store as gossip_store
 from lightning_gossip.gossip.work_sharing import WorkSharingSampler
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class StopFlag:
 
     @staticmethod
     def _store() -> dist.Store:
-        return health.default_store()  # calls bounded: a hung store host raises instead of hanging
+        return gossip_store()  # calls bounded: a hung or lost store host raises a GossipPeerError naming it
 
     def raise_flag(self, reason: str) -> None:
         if reason not in self._seen:
@@ -183,7 +183,7 @@ class StopFlag:
         if any rank raised it, and raises a :class:`GossipPeerError` naming the ranks that did not arrive within
         ``timeout`` seconds; without, gives up after ``timeout`` and returns None.
         """
-        from lightning_gossip.gossip.errors import GossipPeerError
+        from lightning_gossip.gossip.errors import peer_lost_error
 
         store = self._store()
         key = f"{self.prefix}/rendezvous/{name}"
@@ -197,12 +197,9 @@ class StopFlag:
                 if not watch_sigterm:
                     return None
                 missing = [r for r in range(world_size) if not store.check([f"{key}/{r}"])]
-                raise GossipPeerError(
-                    f"Rank {rank}: rank(s) {missing} did not reach the end of the training epoch ({name}) within "
-                    f"{timeout:.0f} s; they most likely hang or died. This run cannot continue: restart it from the "
-                    "last checkpoint (Trainer.fit(ckpt_path=...)).",
-                    rank,
-                    missing,
+                raise peer_lost_error(  # names the rank the heartbeats show hung or gone, if they do
+                    rank, missing, f"the end of the training epoch ({name})",
+                    TimeoutError(f"rank(s) {missing} did not arrive within {timeout:.0f} s"),
                 )
             time.sleep(0.01)
             arrived = store.add(f"{key}/count", 0)

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gossip.gossip import health
 from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipPeerError, NonFiniteGossipError, collective_guard, peer_lost_error
+from lightning_gossip.gossip.errors import store as gossip_store
 from lightning_gossip.gossip.schedule import _STREAM_PEER, _STREAM_SEND, uniform
 from lightning_gossip.gossip.state import GossipState
 from lightning_gossip.gossip.topology import RandomPeer, resolve_topology
@@ -429,7 +429,7 @@ class AsyncGossipExchange:
         store = None
         if checkpoint is not None:
             try:
-                store = health.default_store()  # calls bounded: its host may be the rank that hangs
+                store = gossip_store()  # calls bounded: its host may be the rank that hangs
                 store.set(self._key(checkpoint, self.rank), "1")
             except Exception:  # noqa: BLE001 - naming the culprit is a courtesy; the all-reduce decides
                 store = None

@@ -75,7 +75,7 @@ def _first_loss(report: Optional[str]) -> Optional[str]:
     try:
         # This run is failing; never wait the process-group timeout here, and never for ever (a TCPStore client
         # retries a read that gets no answer without end when the store's host hangs).
-        store = health.default_store().with_deadline(_STORE_TIMEOUT.total_seconds())
+        store = health.default_store().with_deadline(_STORE_TIMEOUT.total_seconds())  # the store's own errors
         if report is None:
             if not store.check([_FIRST_LOSS_KEY]):
                 return None
@@ -124,6 +124,29 @@ def peer_lost_error(rank: int, peers: Sequence[int], what: str, error: BaseExcep
     text = _with_first_loss(text, f"rank {rank} lost gossip peer {who} during {what}")
     health.report_failure(list(peers))
     return GossipPeerError(f"{text} {_ADVICE}", rank, peers)
+
+
+def store_lost_error(what: str, error: BaseException) -> GossipPeerError:
+    """The error for a call to the process group's store that failed or got no answer: its host (rank 0, or torchrun's
+    agent) hangs or died, or the heartbeats name another rank that did."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+    host = health.store_host_rank()
+    found = health.diagnose()
+    culprits = found.culprits if found else []
+    if not culprits and host is not None and host != rank:
+        culprits = [host]
+    where = health.describe_store_host()
+    if culprits:
+        return peer_lost_error(rank, culprits, f"{what}, hosted by {where}", error)
+    text = (f"Rank {rank}: {what} failed: {_detail(error)}. The store's host, {where}, hangs or died "
+            f"(with torchrun, its agent: see the agent's log).")
+    return GossipPeerError(f"{text} {_ADVICE}", rank, [])
+
+
+def store() -> "health.DeadlineStore":
+    """The default process group's store for gossip's own calls: bounded (a hung host raises instead of hanging for
+    ever) and failing with a :class:`GossipPeerError` that names the rank lost."""
+    return health.default_store(store_lost_error)
 
 
 def raise_if_hang_declared(rank: int) -> None:

@@ -100,10 +100,27 @@ class DeadlineStore:
     fails at once with the same error.
     """
 
-    def __init__(self, store: dist.Store, describe_host: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        describe_host: Callable[[], str],
+        on_failure: Optional[Callable[[str, BaseException], BaseException]] = None,
+    ) -> None:
         self.store = store
         self._describe_host = describe_host
-        self._stuck: Optional[str] = None
+        # turns a failed call (what, error) into the exception raised (the gossip errors: a GossipPeerError)
+        self._on_failure = on_failure or (lambda what, error: error)
+
+    # Shared by every wrapper of one store: its connection is stuck behind the call that got no answer.
+    _STUCK: dict[int, str] = {}
+
+    @property
+    def _stuck(self) -> Optional[str]:
+        return DeadlineStore._STUCK.get(id(self.store))
+
+    @_stuck.setter
+    def _stuck(self, text: str) -> None:
+        DeadlineStore._STUCK[id(self.store)] = text
 
     def _deadline(self) -> float:
         with suppress(Exception):
@@ -111,20 +128,26 @@ class DeadlineStore:
         return 300.0
 
     def _call(self, name: str, *args: Any, deadline: Optional[float] = None) -> Any:
+        what = f"a call to the process group's store (store.{name})"
         if self._stuck is not None:
-            raise StoreUnresponsiveError(self._stuck)
+            raise self._on_failure(what, StoreUnresponsiveError(self._stuck))
         seconds = self._deadline() if deadline is None else deadline
         try:
             return call_with_deadline(lambda: getattr(self.store, name)(*args), seconds, f"store.{name}")
         except StoreUnresponsiveError:
             self._stuck = (
-                f"The process group's store did not answer a {name} within {seconds:.1f} s: its host, "
-                f"{self._describe_host()}, hangs or is unreachable"
+                f"the store did not answer within {seconds:.1f} s: its host, {self._describe_host()}, hangs or is "
+                "unreachable"
             )
             monitor = current()
             if monitor is not None:
                 monitor.note_store_unresponsive()
-            raise StoreUnresponsiveError(self._stuck) from None
+            error: BaseException = StoreUnresponsiveError(self._stuck)
+        except (RuntimeError, OSError) as failed:  # DistNetworkError, DistStoreError: its host died, say
+            if isinstance(failed, (KeyError, ValueError)):
+                raise
+            error = failed
+        raise self._on_failure(what, error) from error
 
     def set(self, key: str, value: Any) -> None:
         self._call("set", key, value)
@@ -170,15 +193,17 @@ class _Bounded:
         return lambda *args: self._store._call(name, *args, deadline=self._seconds)
 
 
-_DEADLINE_STORES: dict[int, DeadlineStore] = {}
+_DEADLINE_STORES: dict[tuple[int, Any], DeadlineStore] = {}
 
 
-def default_store() -> DeadlineStore:
-    """The default process group's store, its calls bounded (see :class:`DeadlineStore`)."""
+def default_store(on_failure: Optional[Callable[[str, BaseException], BaseException]] = None) -> DeadlineStore:
+    """The default process group's store, its calls bounded (see :class:`DeadlineStore`); ``on_failure`` turns a
+    failed call into the exception raised (:func:`lightning_gossip.gossip.errors.store` passes the gossip errors')."""
     store = dist.distributed_c10d._get_default_store()
-    wrapped = _DEADLINE_STORES.get(id(store))
+    key = (id(store), on_failure)
+    wrapped = _DEADLINE_STORES.get(key)
     if wrapped is None or wrapped.store is not store:
-        wrapped = _DEADLINE_STORES[id(store)] = DeadlineStore(store, describe_store_host)
+        wrapped = _DEADLINE_STORES[key] = DeadlineStore(store, describe_store_host, on_failure)
     return wrapped
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from lightning_gossip.gossip import health
+from lightning_gossip.gossip.errors import store as gossip_store
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -103,7 +103,7 @@ class WorkSharingSampler(Sampler[int]):
                     "WorkSharingSampler needs a store shared by every rank: initialise the process group first "
                     "or pass store=."
                 )
-            self._store = health.default_store()  # calls bounded: a hung store host raises instead of hanging
+            self._store = gossip_store()  # calls bounded: a hung or lost store host raises a GossipPeerError naming it
         return self._store
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -178,7 +178,7 @@ def snapshot(trainer) -> dict:
     module = trainer.lightning_module
     averager = getattr(s, "averager", None)
     # exchanges posted, not mixed in yet, oldest first
-    pending = list(averager.exchange.pending) if averager is not None else []
+    pending = list(getattr(averager.exchange, "pending", ())) if averager is not None else []
     return {
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "gossip_weight": s.gossip_weight,
