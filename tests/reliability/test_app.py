@@ -11,6 +11,7 @@ fails, and each wait has a timeout.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import time
@@ -239,3 +240,26 @@ def test_failure_summary_names_the_killed_rank_before_those_that_lost_it() -> No
     assert _failures(stopped) == "rank 1: killed by SIGKILL, rank 2: exit code 1; stopped after it: rank 0"
     assert _failures({3: failure(3, 2), 1: failure(1, 1)}) == "rank 1: exit code 1, rank 3: exit code 2"
     assert _failures({0: failure(0, -int(signal.SIGTERM))}) == "rank 0: killed by SIGTERM"
+
+
+@pytest.mark.slow
+def test_hung_rank0_under_the_app_ends_the_run_naming_it(tmp_path: Path) -> None:
+    """The app starts its workers through torch's elastic agent, which hosts the store: rank 0 SIGSTOPped (a hung
+    worker) is seen by the others' heartbeats, killed by them (same host), and the agent stops the job, which fails
+    naming rank 0 within the timeout (60 s) plus a few seconds, leaving nothing running."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_epochs=1000", "shutdown_timeout=10", f"hydra.run.dir={run_dir}",
+            "+callbacks.fault._target_=tests.reliability.app_faults.KillOnce", f"+callbacks.fault.marker_dir={tmp_path}",
+            "+callbacks.fault.rank=0", "+callbacks.fault.at_step=6", f"+callbacks.fault.signum={int(signal.SIGSTOP)}"]
+    with AppRun(args, tmp_path) as app:
+        code = app.wait(START_S + 180)
+        survivors = app.survivors(linger=15)
+        ended = time.time()
+        output = app.output
+    assert code != 0, output[-6000:]
+    assert not survivors, f"left running: {survivors}"
+    took = ended - float((tmp_path / "fault.txt").read_text().split()[0])
+    print(f"app, hung rank 0: every process gone within {took:.1f} s of the SIGSTOP (timeout 60 s)")
+    assert took < 60 + 40, (took, output[-6000:])
+    assert re.search(r"rank 0 \(pid \d+ on host", output), output[-6000:]
+    assert not re.search(r"lost gossip peer rank [12]\b", output), output[-6000:]  # never a live rank
