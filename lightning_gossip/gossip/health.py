@@ -208,17 +208,26 @@ def default_store(on_failure: Optional[Callable[[str, BaseException], BaseExcept
 
 
 def store_host_rank() -> Optional[int]:
-    """The rank whose process hosts the default store: 0 for env:// and tcp:// rendezvous (Lightning's launchers,
-    ``mp.spawn`` scripts); None when torchrun's agent hosts it (``TORCHELASTIC_USE_AGENT_STORE``)."""
+    """The rank whose process hosts the default store: 0 for a TCPStore from env:// or tcp:// rendezvous (Lightning's
+    launchers, ``mp.spawn`` scripts); None when torchrun's agent hosts it (``TORCHELASTIC_USE_AGENT_STORE``) or the
+    store is not a TCPStore (a FileStore has no host process)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return None
+    with suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        while isinstance(store, dist.PrefixStore):
+            store = store.underlying_store
+        if not isinstance(store, dist.TCPStore):
+            return None
     return 0
 
 
 def describe_store_host() -> str:
     rank = store_host_rank()
     if rank is None:
-        return "torchrun's elastic agent (MASTER_ADDR:MASTER_PORT)"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+            return "torchrun's elastic agent (MASTER_ADDR:MASTER_PORT)"
+        return "its storage"
     monitor = current()
     return monitor.describe(rank) if monitor is not None else f"rank {rank}"
 
@@ -388,12 +397,31 @@ class HealthMonitor:
         self.identities[self.rank] = me
         self.store.set(self._key("identity", self.rank), json.dumps(asdict(me)))
         self.store.set(self._key("beat", self.rank), "0")
+        self._learn_identities(min(self.timeout_s, 30.0))
         now = time.monotonic()
         self._last_answer = now
         for name, target in (("heartbeat", self._heartbeat_loop), ("watchdog", self._watchdog_loop)):
             thread = threading.Thread(target=target, name=f"lightning-gossip-{name}-rank{self.rank}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _learn_identities(self, wait_s: float) -> None:
+        """Wait (at most ``wait_s``) for the other ranks' identities: every rank starts its monitor at the same point,
+        and a rank that hangs before this one's first heartbeat read could otherwise be named without pid and host,
+        and not be killed by a rank on its host. Best effort: the heartbeat loop picks up identities that come later."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        keys = [self._key("identity", r) for r in others]
+
+        def fetch() -> None:
+            with suppress(Exception):  # a rank that never starts its monitor: read the ones that did
+                self.store.wait(keys, timedelta(seconds=wait_s))
+            present = [r for r in others if self.store.check([self._key("identity", r)])]
+            values = self.store.multi_get([self._key("identity", r) for r in present]) if present else []
+            for r, value in zip(present, values):
+                self.identities[r] = ProcessIdentity(**json.loads(value))
+
+        with suppress(Exception):  # bounded: the store's host may hang already
+            call_with_deadline(fetch, wait_s + 3.0, "the other ranks' identities")
 
     def stop(self) -> None:
         self._stopped.set()
@@ -475,6 +503,22 @@ class HealthMonitor:
                 self._store_gone = True
 
     _store_gone = False
+
+    def reread_beats(self, ranks: list[int], seconds: float = 1.0) -> None:
+        """Read the last heartbeats of ``ranks`` now, on the default store (at most ``seconds``): a rank that raised
+        an error, wrote so in its beat and exited at once may be gone before this rank's heartbeat thread read it,
+        and must not be taken for a culprit."""
+        keys = [self._key("beat", r) for r in ranks]
+        with suppress(Exception):
+            store = dist.distributed_c10d._get_default_store()
+            values = call_with_deadline(lambda: store.multi_get(keys), seconds, "the heartbeats")
+            with self._lock:
+                for r, value in zip(ranks, values):
+                    text = value.decode()
+                    if text == _DONE:
+                        self._retired.add(r)
+                    if _FAILED in text:
+                        self._reports[r] = [int(x) for x in text.split(_FAILED, 1)[1].split(",") if x]
 
     def note_store_unresponsive(self) -> None:
         """A bounded store call of the main thread went unanswered (see :class:`DeadlineStore`)."""
@@ -587,6 +631,9 @@ class HealthMonitor:
                 # named too, since a hung rank killed by another rank's watchdog is dead by the time this one looks.
                 if not found.hung and found.store_unresponsive is None:
                     continue
+                # A rank that died without hanging first is a consequence (it raised its own error and exited before
+                # this rank read its last beat), not a culprit of this declaration.
+                found.dead = [r for r in found.dead if r in found.silent]
                 self.act_on(found)
                 with self._lock:
                     self._declared, self._declared_at = found, time.monotonic()
@@ -693,6 +740,9 @@ def diagnose(stale_s: Optional[float] = None, act: bool = True, settle_s: float 
         return None
     deadline = time.monotonic() + settle_s
     found = monitor.diagnose(stale_s)
+    if found.dead:
+        monitor.reread_beats(found.dead)
+        found = monitor.diagnose(stale_s)
     while not found.culprits and time.monotonic() < deadline:
         time.sleep(0.05)
         found = monitor.diagnose(stale_s)

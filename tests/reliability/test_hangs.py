@@ -67,6 +67,43 @@ def _run_hang(fault_rank: int, asynchronous: bool, world_size: int = 3) -> tuple
     return reports, codes, ended
 
 
+def test_store_call_to_a_stopped_host_raises_instead_of_hanging() -> None:
+    """The root of the hung-rank-0 hang: a TCPStore read whose host is stopped never returns (the client retries
+    without end, whatever its timeout). Through the deadline store it raises, naming the host, and the next call
+    fails at once (the connection is stuck behind the first)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lightning_gossip.gossip.health import DeadlineStore, StoreUnresponsiveError
+
+    port = free_port()
+    code = (f"import time, torch.distributed as d; s = d.TCPStore('127.0.0.1', {port}, is_master=True, "
+            "wait_for_workers=False); s.set('k', 'v'); print('READY', flush=True); time.sleep(300)")
+    host = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None and host.stdout.readline().strip() == "READY"
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1))
+        store = DeadlineStore(client, lambda: "the test's store host")
+        assert store.get("k") == b"v"
+        os.kill(host.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(StoreUnresponsiveError, match="its host, the test's store host, hangs"):
+            store.get("k")
+        assert time.monotonic() - start < 1 + 2 + 2  # the store's timeout, the margin, and some slack
+        start = time.monotonic()
+        with pytest.raises(StoreUnresponsiveError):
+            store.add("n", 1)
+        assert time.monotonic() - start < 0.5
+    finally:
+        host.kill()
+        host.wait(timeout=30)
+
+
 @pytest.mark.parametrize(
     "fault_rank, asynchronous",
     [(0, False), pytest.param(0, True, marks=pytest.mark.slow), pytest.param(2, False, marks=pytest.mark.slow), (2, True)],
@@ -88,6 +125,9 @@ def test_hung_rank_ends_the_run_and_is_named(fault_rank: int, asynchronous: bool
         assert codes[r] == 0, codes  # each survivor got the error and ended on its own
     # the stopped process cannot end by itself: a survivor on its host killed it, so the run ends
     assert codes[fault_rank] == -9, codes
+    print(f"averager, hung rank {fault_rank} ({'asynchronous' if asynchronous else 'lock-step'}, timeout "
+          f"{TIMEOUT_S:.0f} s): errors after " + ", ".join(f"{reports[r][1] - fault_time:.1f}" for r in survivors)
+          + f" s; every process gone after {max(ended.values()) - fault_time:.1f} s")
     assert max(ended.values()) - fault_time < TIMEOUT_S + FEW_S, (ended, fault_time)
 
 
@@ -161,6 +201,9 @@ def test_fabric_lost_rank_is_named_on_every_survivor(tmp_path: Path, strategy: s
         assert kind == "lightning_gossip.gossip.errors.GossipPeerError", (rank, kind, message)
         assert "lost gossip peer rank 2" in message, message
         assert float(when) - _fault_time(out) < LAUNCHED_TIMEOUT_S / 2, (rank, message)  # at once, not the timeout
+    print(f"Fabric ({strategy}), rank 2 SIGKILLed: named by ranks 0 and 1 after "
+          + ", ".join(f"{float(errors[r][0]) - _fault_time(out):.1f}" for r in (0, 1))
+          + f" s; every process gone after {run.ended_at - _fault_time(out):.1f} s")
     _no_live_rank_named_lost(run.output, 2)
 
 
