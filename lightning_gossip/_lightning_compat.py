@@ -44,7 +44,6 @@ __all__ = [
     "replace_sigterm_notifier",
     "signal_connector",
     "silence_timer_broadcast",
-    "throttle_sigterm_broadcast",
     "timer_duration",
     "update_dataloader",
     "uses_distributed_sampler",
@@ -153,28 +152,6 @@ def replace_sigterm_notifier(trainer: pl.Trainer, notifier: Callable[[Any, Any],
     signal_connector(trainer)._sigterm_notifier_fn = notifier
 
 
-def throttle_sigterm_broadcast(trainer: pl.Trainer, should_broadcast: Callable[[], bool]) -> Any:
-    """Make the fit loop run Lightning's per-step SIGTERM broadcast only when ``should_broadcast()`` says so.
-
-    Returns the replacement (its ``broadcasts`` attribute counts the broadcasts run), or ``None`` on a Lightning that
-    has no per-step broadcast. Raises if this Lightning should have the broadcast but it is not where it was: the
-    throttle must never switch itself off silently.
-    """
-    loop = trainer.fit_loop.epoch_loop
-    original = _sigterm_broadcast_of(loop)
-    if original is None:
-        return None
-
-    def throttled() -> None:
-        if should_broadcast():
-            throttled.broadcasts += 1  # type: ignore[attr-defined]
-            original(loop)
-
-    throttled.broadcasts = 0  # type: ignore[attr-defined]
-    setattr(loop, SIGTERM_BROADCAST_METHOD, throttled)
-    return throttled
-
-
 def replace_sigterm_broadcast(trainer: pl.Trainer, replacement: Callable[[], None]) -> bool:
     """Run ``replacement()`` where Lightning broadcasts rank 0's SIGTERM flag before every step (a collective), if
     this Lightning does; returns whether it does. (Lightning < 2.5 has no such broadcast: nothing to replace.)"""
@@ -206,9 +183,10 @@ def make_sigterm_handler_local(trainer: pl.Trainer) -> None:
     exchange, a barrier. A SIGTERM to every rank (a scheduler's preemption notice) then deadlocks until the
     process-group timeout: rank 0 waits in the save's collective, the others in the handler's broadcast. Here the
     handler only stops the processes this one launched (as Lightning's does) and sets ``trainer.received_sigterm``;
-    each rank stops at its next step boundary (Lightning checks the flag there), and rank 0's flag still reaches
-    the others through the fit loop's (throttled) per-step broadcast, a matched collective. Must run before
-    ``register_signal_handlers`` (the strategy's ``setup_environment`` does).
+    the rank stops at its next step boundary (Lightning checks the flag there). Used outside fits (validate, test,
+    predict) and with ``sigterm_sync_every=None``; a fit replaces it by its mode's handler (the lock-step agreement,
+    the asynchronous stop flag). Must run before ``register_signal_handlers`` (the strategy's ``setup_environment``
+    does).
     """
     connector = signal_connector(trainer)
     log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")

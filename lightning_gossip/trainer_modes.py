@@ -2,8 +2,11 @@
 callbacks, ``self.log(sync_dist=True)``, LR schedulers stepped per batch), one object per mode.
 
 :class:`TrainerLockStep`: every rank is at the same step before each training step, so Lightning's own per-step
-machinery works; gossip only throttles Lightning's per-step SIGTERM broadcast (a global sync every step) and checks,
-before the first step, that every rank's epoch has as many batches.
+machinery works. Gossip checks, before the first step, that every rank's epoch has as many batches, and replaces
+Lightning's per-step SIGTERM broadcast (rank 0's flag, a global sync every step) by an agreement every
+``sigterm_sync_every`` steps and at every epoch's end: any rank's SIGTERM (a scheduler's notice to one process or to
+all of them, at slightly different moments) stops every rank at the same step, with exit code 143, on every Lightning
+version (Lightning < 2.5 has no per-step broadcast at all).
 
 :class:`TrainerAsynchronous`: ranks take different numbers of optimizer steps within an epoch. A collective issued per
 training step would then pair step 37 of one rank with step 52 of another, or wait for a rank that has finished its
@@ -32,6 +35,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -46,7 +50,6 @@ from lightning_gossip._lightning_compat import (
     replace_sigterm_notifier,
     signal_connector,
     silence_timer_broadcast,
-    throttle_sigterm_broadcast,
     timer_duration,
     uses_distributed_sampler,
 )
@@ -62,17 +65,16 @@ STOP_POLL_SECONDS = 0.2
 class TrainerLockStep(LockStep):
     """Lock-step gossip under the Trainer."""
 
+    sigterm: Optional[SigtermAgreement] = None
+
     def check_before_launch(self, trainer: pl.Trainer) -> None:
         """Refuse, before any worker starts, what this mode cannot do (lock-step: nothing)."""
 
     def setup_fit(self, strategy: Any, trainer: pl.Trainer) -> None:
-        """At the setup of a fit, once the averager exists: throttle Lightning's per-step SIGTERM broadcast.
-
-        The gossip step count is the same on every rank before each training step, so the broadcast run every
-        ``sigterm_sync_every`` gossip steps stays a matched collective.
-        """
-        every = strategy.sigterm_sync_every
-        throttle_sigterm_broadcast(trainer, lambda: every is not None and strategy.gossip_step % every == 0)
+        """At the setup of a fit, once the averager exists: the SIGTERM agreement in place of Lightning's per-step
+        broadcast (``sigterm_sync_every=None``: none; each rank stops at its own next step boundary)."""
+        if strategy.sigterm_sync_every is not None:
+            self.sigterm = SigtermAgreement(trainer, strategy, strategy.sigterm_sync_every)
 
     def on_train_start(self, strategy: Any, trainer: pl.Trainer) -> None:
         """Before the first step: every rank's epoch must have as many batches (uneven shards otherwise hang)."""
@@ -87,7 +89,9 @@ class TrainerLockStep(LockStep):
             )
 
     def on_train_batch_start(self, strategy: Any, trainer: pl.Trainer) -> None:
-        """Before each training batch (lock-step: nothing)."""
+        """Before each training batch: the SIGTERM agreement, where Lightning has no per-step broadcast to replace."""
+        if self.sigterm is not None and not self.sigterm.replaced_broadcast:
+            self.sigterm.at_step()
 
     def refuse_collective(self, what: str) -> None:
         """Called before every collective through the strategy (lock-step: every rank is at the same step)."""
@@ -205,7 +209,59 @@ def trainer_mode_for(options: Any) -> TrainerLockStep:
     return TrainerAsynchronous(options) if options.mode == "asynchronous" else TrainerLockStep(options)
 
 
-# -- the stop flag --------------------------------------------------------------------------------------------------
+# -- lock-step: SIGTERM agreed on by every rank ---------------------------------------------------------------------
+class SigtermAgreement:
+    """Any rank's SIGTERM stops every lock-step rank at the same step.
+
+    The signal handler only records the signal (and forwards it to the processes this one launched, as Lightning's
+    does): no collective in a handler, which runs between any two bytecodes, inside a save's collectives too. Every
+    ``every`` gossip steps (equal on every rank before each training step) and at each epoch's last batch, the ranks
+    all-reduce their records (a matched collective); if any rank was signalled, every rank raises
+    ``SIGTERMException`` there, as Lightning does after its own broadcast. ``syncs`` counts the agreements run.
+    """
+
+    def __init__(self, trainer: pl.Trainer, strategy: Any, every: int) -> None:
+        self.trainer = trainer
+        self.strategy = strategy
+        self.every = every
+        self.received: list = []
+        self.syncs = 0
+        replace_sigterm_notifier(trainer, self._notified)
+        #: Whether Lightning's per-step broadcast was there to replace (else the strategy's batch hook runs it).
+        self.replaced_broadcast = replace_sigterm_broadcast(trainer, self.at_step)
+        trainer.callbacks.insert(0, _AgreeAtEpochEnd(self))
+
+    def _notified(self, signum: Any, frame: Any) -> None:
+        if not self.received:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        self.received.append(signum)
+
+    def at_step(self) -> None:
+        if self.strategy.gossip_step % self.every == 0:
+            self.agree()
+
+    def agree(self) -> None:
+        signalled = torch.tensor([1 if self.received else 0], device=self.strategy.root_device)
+        with self.strategy.core.collective("the agreement on SIGTERM (every sigterm_sync_every steps)"):
+            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+        self.syncs += 1
+        if signalled.item():
+            signal_connector(self.trainer).received_sigterm = True
+            raise SIGTERMException()
+
+
+class _AgreeAtEpochEnd(Callback):
+    def __init__(self, agreement: SigtermAgreement) -> None:
+        self.agreement = agreement
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if last_batch_of_epoch(trainer):
+            self.agreement.agree()
+
+
+# -- asynchronous: the stop flag ------------------------------------------------------------------------------------
 class StopFlag:
     """Flags in the process group's store that any rank can raise and every rank sees within a fraction of a second.
 

@@ -87,12 +87,12 @@ class StepBoard:
         return PeerPosition(state == "waiting", int(collectives), int(step), what)
 
     def left_training(self, peer: int, step: int) -> Optional[PeerPosition]:
-        """The peer's position if it waits in a collective this rank has not entered, at a step below ``step``:
+        """The peer's position if it waits in a collective this rank has not entered, before taking step ``step``:
         then it will never send (or take) this rank's message of step ``step``."""
         position = self.position(peer)
         if position is None or not position.waiting or position.collectives <= self.collectives:
             return None
-        return position if position.step < step else None
+        return position if position.step <= step else None
 
     def describe(self, peer: int, position: PeerPosition, step: int, what: Any) -> str:
         return (
