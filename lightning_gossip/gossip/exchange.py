@@ -44,6 +44,7 @@ from lightning_gossip.gossip.errors import (
     peer_lost_error,
     record_first_failure,
 )
+from lightning_gossip.gossip.groups import group_ranks, message_group
 from lightning_gossip.gossip.options import GossipOptions
 from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan
 from lightning_gossip.gossip.state import GossipState
@@ -129,9 +130,10 @@ class GossipExchange:
         # NCCL's wait() returns at once (it orders the GPU stream); only host-blocking backends (gloo) are watched.
         self._watched = dist.get_backend(group) != "nccl"
         self._waiter: Optional[_TransferWaiter] = None
-        # Point-to-point calls take global ranks; the schedule speaks in ranks of the group.
-        size = dist.get_world_size(group)
-        self._global_rank = [dist.get_global_rank(group, r) for r in range(size)] if group is not None else None
+        # Point-to-point calls take global ranks; the schedule speaks in ranks of the group. Messages travel on a
+        # group of their own (see groups.py), never on the one the training's collectives use.
+        self._global_rank = group_ranks(group)
+        self._messages = message_group(group) if len(self._global_rank) > 1 else None
         # Posted exchanges not mixed in yet, oldest first (at most ``staleness`` of them between steps).
         self._pending: deque[PendingExchange] = deque()
         # Free message buffers. A buffer in a posted exchange must not be touched until the transfer is done.
@@ -223,9 +225,7 @@ class GossipExchange:
         return self._free_buffers.pop() if self._free_buffers else self.state.new_message()
 
     def _p2p(self, op: Any, buffer: Tensor, peer: int) -> dist.P2POp:
-        if self._global_rank is None:
-            return dist.P2POp(op, buffer, peer)
-        return dist.P2POp(op, buffer, self._global_rank[peer], self.group)
+        return dist.P2POp(op, buffer, self._global_rank[peer], self._messages)
 
     def post(self, plan: StepPlan) -> PendingExchange:
         """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
