@@ -17,9 +17,10 @@ import math
 import numbers
 from typing import Any, Callable, Iterator, Optional, Sized
 
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from lightning_gossip.gossip.permutation import epoch_permutation, piece
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -88,11 +89,7 @@ class WorkSharingSampler(Sampler[int]):
     def permutation(self, epoch: Optional[int] = None) -> list[int]:
         """The epoch's order of the dataset, identical on every rank."""
         epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return list(range(self.num_samples_total))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples_total, generator=generator).tolist()
+        return epoch_permutation(self.num_samples_total, self.seed, epoch, self.shuffle).tolist()
 
     def store(self) -> dist.Store:
         if self._store is None:
@@ -134,10 +131,9 @@ class WorkSharingSampler(Sampler[int]):
         # (a rank with no batch would never get there, and everything at an epoch's end needs every rank).
         index = rank
         while True:
-            start = index * chunk
-            if start >= self.num_samples_total:
+            indices = piece(order, index, chunk)
+            if not indices:
                 return
-            indices = order[start : start + chunk]
             self.last_pass_samples += len(indices)
             yield from indices
             if self.stop is not None and self.stop():
