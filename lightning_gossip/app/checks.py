@@ -168,3 +168,12 @@ def register_resolvers() -> None:
     """``${pid:}``: this process's id, which keeps the folders of runs started in the same second apart."""
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The datamodule's own cheap checks (``check()``: a local dataset path exists, ...)."""
+    from hydra.utils import instantiate
+
+    check = getattr(instantiate(cfg.data), "check", None)
+    if callable(check):
+        check()

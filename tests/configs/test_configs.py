@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_gossip  # noqa: F401  (registers the strategies)
-from lightning_gossip.app.train import instantiate_callbacks, instantiate_loggers
+from lightning_gossip.app.fit import instantiate_callbacks, instantiate_loggers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 try:
