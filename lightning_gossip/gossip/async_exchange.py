@@ -180,6 +180,18 @@ class AsyncGossipExchange:
             self._thread.start()
             self._completer.start()
 
+    #: Ranks take as many steps as their speed allows.
+    equal_steps = False
+
+    def cut(self) -> None:
+        """A consistent cut is reached by quiescence: :meth:`drain` (a collective)."""
+        self.drain()
+
+    def abort(self) -> None:
+        """After an error: stop without any collective (the daemon threads may stay blocked; they never keep the
+        interpreter from exiting)."""
+        self.close(clean=False)
+
     @property
     def seed(self) -> int:
         """The seed of the coins and peers: the schedule's, when one was given (a resume may change it there)."""
