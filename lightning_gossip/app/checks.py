@@ -186,10 +186,6 @@ def check_asynchronous(cfg: DictConfig) -> None:
                         "same step; validate at the end of epochs (1.0, with trainer.check_val_every_n_epoch=N)")
     if _select(cfg, "trainer.check_val_every_n_epoch") is None:
         problems.append("trainer.check_val_every_n_epoch=null validates every N training batches; use an integer")
-    fast_dev_run = _select(cfg, "trainer.fast_dev_run")
-    if fast_dev_run not in (_MISSING, None, False, 0):
-        problems.append(f"trainer.fast_dev_run={fast_dev_run} runs a fixed number of steps on each rank; for a "
-                        "quick check use trainer=debug (max_epochs=1, limit_train_batches=4)")
     for name, callback in (cfg.get("callbacks") or {}).items():
         if isinstance(callback, DictConfig) and "ModelCheckpoint" in str(callback.get("_target_", "")) and (
                 callback.get("every_n_train_steps") or callback.get("train_time_interval") is not None):

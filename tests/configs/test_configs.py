@@ -225,7 +225,6 @@ def test_asynchronous_mode_with_static_shards_is_an_explicit_choice(tmp_path):
         (["+trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5: validation inside an epoch"),
         (["+trainer.val_check_interval=20"], "trainer.val_check_interval=20: validation inside an epoch"),
         (["trainer.check_val_every_n_epoch=null"], "trainer.check_val_every_n_epoch=null validates every N"),
-        (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run=True runs a fixed number of steps on each rank"),
         (["+callbacks.model_checkpoint.every_n_train_steps=50"], "callbacks.model_checkpoint saves inside an epoch"),
         (["+trainer.limit_train_batches=0.5"], "trainer.limit_train_batches=0.5: the training data is shared out"),
         (["data.split=label_skew"], "data.split=label_skew: the training data is shared out dynamically"),
@@ -246,6 +245,7 @@ def test_asynchronous_mode_refuses_what_it_cannot_do_before_any_worker(tmp_path,
 def test_asynchronous_mode_allows_epoch_based_settings(tmp_path):
     from lightning_gossip.app.checks import check_config
 
+    check_config(compose_train(tmp_path, ["strategy=gossip_async", "+trainer.fast_dev_run=true"]))  # the same batches
     check_config(compose_train(tmp_path, ["strategy=gossip_async", "trainer=debug", "+trainer.max_time=00:00:01:00",
                                           "+trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=2",
                                           "trainer.limit_train_batches=1.0", "+trainer.max_steps=-1"]))
