@@ -24,11 +24,11 @@ import numbers
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sized
 
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lightning_gossip.gossip.errors import GossipInvariantError
+from lightning_gossip.gossip.permutation import epoch_permutation, piece
 
 # Samplers with finished passes not verified yet (see verify_finished_passes).
 _UNVERIFIED: "weakref.WeakSet[WorkSharingSampler]" = weakref.WeakSet()
@@ -103,11 +103,7 @@ class WorkSharingSampler(Sampler[int]):
     def permutation(self, epoch: Optional[int] = None) -> list[int]:
         """The epoch's order of the dataset, identical on every rank."""
         epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return list(range(self.num_samples_total))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples_total, generator=generator).tolist()
+        return epoch_permutation(self.num_samples_total, self.seed, epoch, self.shuffle).tolist()
 
     def store(self) -> dist.Store:
         if self._store is None:
@@ -153,13 +149,12 @@ class WorkSharingSampler(Sampler[int]):
         index = rank
         self._claimed_chunks = world_size
         while True:
-            start = index * chunk
-            if start >= self.num_samples_total:
+            indices = piece(order, index, chunk)
+            if not indices:
                 store.set(f"{pass_key}/samples/rank{rank}", str(self.last_pass_samples))
                 self._finished.append((pass_key, world_size))
                 _UNVERIFIED.add(self)
                 return
-            indices = order[start : start + chunk]
             self.last_pass_samples += len(indices)
             yield from indices
             if self.stop is not None and self.stop():
