@@ -63,7 +63,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
 
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
     ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
-    ``final_consensus``, ``on_nonfinite``, ``asynchronous``; see the README's option table), checked once by
+    ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``verify``; see the README's option table), checked once by
     :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
     (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
     per-step SIGTERM broadcast.
@@ -93,6 +93,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        verify: Optional[bool] = None,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -116,6 +117,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            verify=verify,
         )
         check_timeout(timeout)
         super().__init__(

@@ -87,6 +87,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
+        verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
+            consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -127,6 +129,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        verify: Optional[bool] = None,
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -152,6 +155,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            verify=verify,
         )
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
