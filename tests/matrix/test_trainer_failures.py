@@ -83,3 +83,29 @@ def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path, mode):
     assert run.returncode != 0
     assert "rank 1 failed on purpose in its 5th training step" in run.output, run.output[-5000:]
     assert run.elapsed < 150, run.elapsed
+
+
+@pytest.mark.lightning_compat
+@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
+def test_refusals_are_the_packages_own_before_any_worker_starts(package):
+    """With pytorch_lightning the refusals see its own ModelCheckpoint (the renamed mode module), not the unified one's
+    (which let `every_n_train_steps` through)."""
+    import importlib
+
+    pytest.importorskip(package)
+    pl = importlib.import_module("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
+    adapters = importlib.import_module("lightning_gossip" if package == "lightning" else "lightning_gossip.standalone")
+    modes = importlib.import_module("lightning_gossip.modes" if package == "lightning"
+                                    else "lightning_gossip.standalone.modes")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=adapters.GossipStrategy(asynchronous=True),
+                         callbacks=[pl.callbacks.ModelCheckpoint(every_n_train_steps=5)], logger=False,
+                         enable_progress_bar=False)
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = __import__("torch").nn.Linear(2, 2)
+
+    with pytest.raises(modes.AsynchronousModeError, match="every_n_train_steps"):
+        trainer.fit(Model())
+    assert not __import__("torch").distributed.is_initialized()
