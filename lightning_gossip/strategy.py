@@ -85,7 +85,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: at the end of ``fit``, put the exact average on every rank.
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
-        asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
+        asynchronous: GoSGD as published: no rank waits for another during an epoch (see docs/modes/asynchronous.md).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind

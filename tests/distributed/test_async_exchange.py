@@ -264,7 +264,7 @@ def _run_tolerating_lost_rank(fn, world_size, *args):
     return results
 
 
-# -- through the averager: the hand-written training loop of the README ---------------------------------------------
+# -- through the averager: the hand-written training loop of the docs -----------------------------------------------
 def _averager_loop(rank, world_size, steps_by_rank):
     from lightning_gossip.gossip import GossipAverager
 
