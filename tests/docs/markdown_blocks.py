@@ -6,7 +6,7 @@ A marker is an HTML comment on the line right before a block's opening fence, vi
     <!-- docs-test: slow -->                                       only with -m slow
     <!-- docs-test: skip: <reason> -->                             not run (a fragment); the reason is required
 
-Several directives are separated by ";". A block whose lines are all ``--8<-- "path"`` includes (pymdownx.snippets)
+``slow`` and ``torchrun`` combine, separated by ";"; ``skip`` takes the rest of the marker as its reason. A block whose lines are all ``--8<-- "path"`` includes (pymdownx.snippets)
 shows a file of the repository, which is tested where that file is (the examples' own tests).
 """
 
@@ -40,15 +40,15 @@ class Directives:
     @classmethod
     def parse(cls, body: str, where: str) -> "Directives":
         skip, slow, torchrun = None, False, None
+        skipping = re.match(r"skip\b:?(?P<reason>.*)$", body.strip(), re.DOTALL)
+        if skipping:  # the reason is the rest of the marker, whatever it holds
+            reason = skipping.group("reason").strip()
+            if not reason:
+                raise ValueError(f"{where}: 'docs-test: skip' needs a reason ('skip: <why>')")
+            return cls(skip=reason)
         for part in filter(None, (p.strip() for p in body.split(";"))):
             word, _, rest = part.partition(" ")
-            word = word.rstrip(":")
-            if word == "skip":
-                reason = rest.strip().lstrip(":").strip()
-                if not reason:
-                    raise ValueError(f"{where}: 'docs-test: skip' needs a reason ('skip: <why>')")
-                skip = reason
-            elif word == "slow" and not rest.strip():
+            if word == "slow" and not rest.strip():
                 slow = True
             elif word == "torchrun":
                 torchrun = shlex.split(rest)
