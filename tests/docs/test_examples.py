@@ -215,7 +215,7 @@ def test_my_model_config_dir_with_the_app(tmp_path: Path) -> None:
     """
     (tmp_path / "examples").symlink_to(EXAMPLES_DIR, target_is_directory=True)
     args = ["--config-dir", "examples/my_model", "experiment=my_model", "trainer.devices=2", "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false", "logger=none", "extras.print_config=false"]
+            "logger=none", "extras.print_config=false"]
     env = {"PYTHONPATH": os.pathsep.join(["examples/my_model", str(ROOT)])}
     with AppRun(args, cwd=tmp_path, extra_env=env) as app:
         code = app.wait(timeout=TIMEOUT)
