@@ -6,8 +6,9 @@
 
 Fabric's launcher re-runs this command once per extra process. Each rank trains its own model on its own shard of
 scikit-learn's digits; ``optimizer.step()`` runs the optimizer step, then the gossip step. The checkpoint's model
-entry is the exact consensus (it loads into a plain model without gossip); every rank's own weights, momentum and
-gossip state ride along, so a resume with the same number of processes goes on bit for bit (lock-step mode).
+entry is the exact consensus (it loads into a plain model without gossip); every rank writes its own weights,
+momentum and gossip state as a part beside it (``gossip.ckpt.parts/``), so a resume with the same number of
+processes gives every rank back its own state.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def main() -> None:
 
     x, y = load_digits(return_X_y=True)
     data = TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
-    train = fabric.setup_dataloaders(DataLoader(data, batch_size=32, shuffle=True))  # each rank its own shard
+    loader = DataLoader(data, batch_size=32, shuffle=True)
+    if fabric.strategy.options.asynchronous:
+        # shared out dynamically: fast ranks take more batches, every sample once per epoch over all ranks
+        train = fabric.setup_dataloaders(fabric.strategy.share_work(loader), use_distributed_sampler=False)
+    else:
+        train = fabric.setup_dataloaders(loader)  # each rank its own shard, all of equal length
 
     start = 0
     if os.path.exists(args.checkpoint):
