@@ -7,7 +7,7 @@
 docs/benchmark.md for the table's columns and ``--compare``. The package's parts: :mod:`.cli` (options, plan, the
 parent process), :mod:`.worker` (one rank), :mod:`.launch` (torchrun-style workers), :mod:`.netns` (tc-limited
 links in network namespaces), :mod:`.strategies` (the rows), :mod:`.results` (table, files, comparison),
-:mod:`.spec` (import paths and Hydra ``_target_``). Importing it imports neither torch nor Lightning.
+:mod:`.spec` (import paths and Hydra ``_target_``). Importing it does not import Lightning.
 """
 
 from lightning_gossip.bench.cli import main

@@ -10,6 +10,10 @@ Definitions (also written into results.md):
   they do not count, computed (DDP: a ring all-reduce of the gradients, 2 (M-1)/M x their bytes; Local SGD: the
   float64 all-reduce of the exact average every H steps); *wire bytes/step*: what each worker's network interface
   really sent (TCP/IP included), in network namespaces only;
+- *active step time*: the same medians with each rank's own wait for a CPU taken out (Linux schedstat: time the
+  training thread was runnable but not running), so it counts computing and waiting for peers or sleeping, not the
+  other jobs of a shared machine; *active_step_vs_ddp_cpu*: the row's active step time over the DDP row's CPU time
+  per step (all threads of the process, validation left out), the step-time ratio ``--compare`` checks;
 - *samples/s*: all ranks together, on the training clock, after the warm-up;
 - *time to target*: the training clock at the first validation whose metric (mean over ranks) reaches the target;
   validation runs at the end of every epoch (and every ``--val-every`` steps in the lock-step rows);
@@ -253,7 +257,9 @@ def compare(results: dict, baseline: dict, tolerance: float, metric_tolerance: f
       wait for a peer stays in) over DDP's *CPU* time per step (which the load barely moves, unlike DDP's wall or
       active time: DDP waits for its slowest peer at every step). Elsewhere (no Linux schedstat), on
       ``step_vs_ddp``, wall-clock over wall-clock;
-    - ``bytes_vs_ddp``: when it grows by more than ``bytes_tolerance`` (relative);
+    - ``bytes_vs_ddp``: when it grows by more than ``bytes_tolerance`` (relative; 0.25: exact in the lock-step rows,
+      whose schedule is seeded, but an asynchronous rank skips a push while its previous one is untaken, so its
+      bytes move by about 10% between runs);
     - the final metric of every row: when it is worse than the baseline's by more than ``metric_tolerance``
       (relative to the baseline's value); a row that reached the target in the baseline and does not now;
     - a row of the baseline that is missing or failed now; settings that define a different workload.
@@ -431,6 +437,15 @@ def write_markdown(results: dict, path: str, comparison: Optional[list[str]] = N
         strag = f"rank {s['straggler']['rank']} x{s['straggler']['factor']:g}" if s.get("straggler") else "-"
         lines.append(f"| {s['name']} | {net} | {strag} | {s.get('wall_s', '-')} s |")
     lines += ["", "## Results", "", render_markdown(table(results)), ""]
+    ratio_rows = [r for r in results["rows"] if r["status"] == "ok" and r["strategy"] != REFERENCE]
+    if ratio_rows:
+        lines += ["Ratios to the DDP row of the same scenario (`--compare` checks `active_step_vs_ddp_cpu`, bytes and "
+                  "the final metric; see the definitions):", "",
+                  "| scenario | strategy | " + " | ".join(RATIO_NAMES) + " |", "|---|---|" + "---|" * len(RATIO_NAMES)]
+        for r in ratio_rows:
+            lines.append(f"| {r['scenario']} | {r['strategy']} | "
+                         + " | ".join(_f(r.get(name), ".3f") for name in RATIO_NAMES) + " |")
+        lines.append("")
     if comparison:
         lines += ["## Comparison with the baseline", "", "```", *comparison, "```", ""]
     lines += ["## Definitions", "", __doc__.split("Definitions (also written into results.md):", 1)[1].strip(), ""]

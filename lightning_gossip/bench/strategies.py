@@ -7,8 +7,8 @@ available only when that name is registered, so a mode added to ``lightning_goss
 modes ``gossip_outer`` / ``gossip_outer_async``) appears in the default run as soon as it registers its name,
 without any change here.
 
-Importing this module imports neither torch nor Lightning (the benchmark's parent process only plans and reports);
-the ``build`` functions import what they need in the worker.
+Importing this module does not import Lightning; the ``build`` functions import what they need where they run (in
+the workers, and once in the parent process to check the arguments before any worker starts).
 """
 
 from __future__ import annotations

@@ -264,8 +264,10 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
 
 
 def _batch_size(pl: Any, batch: Any, trainer: Any) -> int:
+    import importlib
+
     try:
-        return int(pl.utilities.data.extract_batch_size(batch))
+        return int(importlib.import_module(f"{pl.__name__}.utilities.data").extract_batch_size(batch))
     except Exception:  # a batch whose size Lightning cannot find: count the loader's batch size
         loader = trainer.train_dataloader
         return int(getattr(loader, "batch_size", None) or 1)

@@ -66,6 +66,16 @@ def test_the_users_classes_are_checked_before_any_worker_starts(user_project):
         cli.check_environment(settings("--model", "acme_nothing.models:Net"))
 
 
+def test_a_module_of_the_standalone_pytorch_lightning_package_gets_its_strategies(user_project):
+    import pytorch_lightning
+
+    rows, _, package = cli.check_environment(settings("--model", "acme_models.standalone:StandaloneBlobClassifier"))
+    assert package == "pytorch_lightning"
+    for entry in rows:
+        built = entry.build(strategies.BuildContext(backend="gloo", seed=0, world_size=2, package=package))
+        assert isinstance(built, pytorch_lightning.strategies.Strategy), (entry.name, type(built))
+
+
 def test_bad_options_exit_2_with_the_option_named(user_project, capsys):
     cases = [
         (["--model", MODEL, "--workers", "1"], "--workers 1: expected an integer >= 2"),
