@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy_args": {}, "workers": 2, "accelerator": "cpu", "threads": 1, "epochs": None, "steps": None,
     "time": None, "val_every": None, "metric": None, "mode": "max", "target": None, "warmup": 5, "repeats": 1,
     "seed": 0, "network": "loopback", "rates": None, "straggler": None, "straggler_rank": None,
-    "trainer_args": {}, "out": "bench_results", "tolerance": 0.5, "min_change": 0.25, "metric_tolerance": 0.05,
+    "trainer_args": {}, "out": "bench_results", "tolerance": 0.5, "min_change": 0.5, "metric_tolerance": 0.05,
     "bytes_tolerance": 0.25, "timeout": 3600.0, "pg_timeout": 600.0, "no_plots": False, "keep_scratch": False,
 }
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--compare: allowed relative growth of a step-time ratio to DDP (default 0.5: up to 1.5x)")
     out.add_argument("--min-change", type=float,
                      help="--compare: a step-time ratio is a regression only if it also grew by more than this "
-                          "(in DDP steps; default 0.25)")
+                          "(default 0.5, in units of the denominator: half of DDP's CPU time per step)")
     out.add_argument("--metric-tolerance", type=float,
                      help="--compare: allowed worsening of a final metric, relative (default 0.05)")
     out.add_argument("--bytes-tolerance", type=float, help="--compare: allowed growth of bytes per step relative to "
@@ -303,7 +303,8 @@ def scenario_list(network: str, rates: Optional[list[float]], straggler: Optiona
 
 def check_environment(s: dict[str, Any]) -> tuple[list, list[str], str]:
     """Checks that import Lightning and the user's code, before any worker starts: (rows, notes, package)."""
-    sys.path.insert(0, os.getcwd())  # as `python -m` does, so the workers (which get cwd on PYTHONPATH) agree
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, so the workers (which get cwd on PYTHONPATH) agree
     try:
         check_target(s["model"], "--model", MODULE_BASES, "LightningModule")
         if s["datamodule"] is not None:

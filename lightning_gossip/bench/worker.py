@@ -123,7 +123,7 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
             self.sizes: dict[str, int] = {}
             self.message_bytes: Optional[int] = None
             self.budget_reached = False
-            self._counted = 0
+            self._decided_step = -1
             self._last_progress = 0.0
 
         # -- the training clock: wall-clock time minus what validation and the benchmark's checks took ----------
@@ -174,7 +174,9 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
             kind, amount = self.budget["kind"], self.budget["value"]
             if kind == "steps" and not self.asynchronous and step >= amount:
                 trainer.should_stop = True  # every rank at the same step; Lightning validates once more, then stops
-            elif kind == "time" and not self.asynchronous and step and step % TIME_CHECK_EVERY == 0:
+            elif kind == "time" and not self.asynchronous and step and step % TIME_CHECK_EVERY == 0 \
+                    and step != self._decided_step:  # once per optimizer step (gradient accumulation repeats it)
+                self._decided_step = step
                 self._decide_time(trainer, step, float(amount))
             elif kind == "steps" and self.asynchronous and len(self.ends) % ASYNC_COUNT_EVERY == 0:
                 self._pause()
