@@ -288,3 +288,12 @@ def test_targets_relative_to_ddp():
     results.finish_rows(res["rows"], res["settings"])
     assert res["rows"][0]["target"] == pytest.approx(0.85)
     assert res["rows"][1]["time_to_target_s"] == pytest.approx(0.1)  # gossip's first validation: 0.86 >= 0.85
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    res = _results({"ddp": 10.0, "gossip": 5.0})
+    written, note = results.write_plots(res, str(tmp_path))
+    assert note is None and {Path(p).name for p in written} == {"val_acc_vs_time_loopback.png", "step_vs_ddp.png"}
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
+    written, note = results.write_plots(res, str(tmp_path / "none"))
+    assert written == [] and "pip install 'lightning-gossip[plots]'" in note
