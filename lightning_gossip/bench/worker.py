@@ -32,6 +32,7 @@ TIME_CHECK_EVERY = 25
 # The asynchronous rows count their steps for a step budget in the store every this many steps.
 ASYNC_COUNT_EVERY = 8
 PROGRESS_EVERY_S = 0.5
+STARTED = time.perf_counter()
 CALIBRATION_STEPS = 30
 
 
@@ -442,8 +443,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 sleep_s = (float(straggler["factor"]) - 1.0) * compute_s
             print(f"[bench worker {rank}] calibrated step {1e3 * compute_s:.2f} ms, sleeping {1e3 * sleep_s:.2f} ms "
                   "before every step", flush=True)
+        print(f"[bench worker {rank}] ready after {time.perf_counter() - STARTED:.1f} s", flush=True)
         for run in plan["runs"][int(plan.get("start", 0)):]:
             current = run
+            t_run = time.perf_counter()
             run_store = dist.PrefixStore(f"bench/run{run['index']}", store)
             dist.init_process_group(plan["backend"], store=run_store, rank=rank, world_size=world_size,
                                     timeout=timeout)
@@ -451,6 +454,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             _write_json(os.path.join(args.out, f"run{run['index']:03d}_rank{rank}.json"), record)
             dist.barrier()
             dist.destroy_process_group()
+            print(f"[bench worker {rank}] run {run['index']} ({run['strategy']}, repeat {run['repeat']}): "
+                  f"{time.perf_counter() - t_run:.1f} s, of which training {record['train_end'] or 0:.1f} s",
+                  flush=True)
             current = None
         # Rank 0 hosts the store: it leaves last. Then skip the interpreter's teardown (seconds of freeing modules on
         # a loaded machine); everything this process had to say is written.
@@ -465,7 +471,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         _write_json(os.path.join(args.out, f"error_rank{rank}.json"), report)
         print(report["traceback"], file=sys.stderr, flush=True)
-        return 1
+        sys.stdout.flush()
+        # Exit now: the other ranks may be waiting in a collective for this one, and the interpreter's teardown
+        # (destroying the process group at exit) could wait for them in turn. The parent stops them.
+        os._exit(1)
     print(f"[bench worker {rank}] done", flush=True)
     sys.stderr.flush()
     os._exit(0)
