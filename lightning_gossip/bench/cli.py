@@ -583,7 +583,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list_strategies:
         print(list_strategies())
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds through the finally blocks: workers stopped, namespaces gone
+    # SIGTERM unwinds through the finally blocks (workers stopped, namespaces deleted); the caller's handler is put
+    # back at the end (main may be called in-process)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         if args.from_results:
             with open(args.from_results) as f:
