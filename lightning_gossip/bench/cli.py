@@ -31,7 +31,7 @@ import yaml
 
 from lightning_gossip.bench import netns
 from lightning_gossip.bench import results as report
-from lightning_gossip.bench.launch import WorkerFailed, launch
+from lightning_gossip.bench.launch import DEBUG_VARIABLES, WorkerFailed, launch
 from lightning_gossip.bench.spec import (
     DATAMODULE_BASES,
     MODULE_BASES,
@@ -513,6 +513,9 @@ def summarize(scenario: dict, s: dict, rows: list, runs: list[dict], records: di
 def run_benchmark(s: dict, argv: list[str]) -> dict:
     rows, notes, package = check_environment(s)
     stamp = report.machine_stamp()
+    debug = [f"{k}={os.environ[k]}" for k in DEBUG_VARIABLES if os.environ.get(k)]
+    if debug:
+        notes.append(f"the workers run without {', '.join(debug)}: debugging checks would be part of the timings")
     for note in notes:
         log(f"note: {note}")
     total = len(rows) * s["repeats"] * len(s["scenarios"])

@@ -22,6 +22,12 @@ from typing import Any, Callable, Optional, Sequence
 from lightning_gossip.bench import netns
 
 
+# Debugging switches a benchmark's workers run without: they add checks (and collectives) around every collective or
+# at every quiescent point, so the timings would measure the checks. (With TORCH_DISTRIBUTED_DEBUG=DETAIL, which the
+# test suite sets, the DDP runs of both harnesses also died with a segmentation fault here, torch 2.13.0.)
+DEBUG_VARIABLES = ("TORCH_DISTRIBUTED_DEBUG", "LIGHTNING_GOSSIP_VERIFY")
+
+
 class WorkerFailed(RuntimeError):
     """A worker exited with an error: ``rank`` and ``returncode`` say which and how; ``log`` is its output file."""
 
@@ -65,6 +71,8 @@ def worker_env(network: Any, rank: int, world_size: int, port: int, label: str,
     )
     for stale in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"):
         env.pop(stale, None)  # a variable left over from the caller's own launch would confuse Lightning
+    for debug in DEBUG_VARIABLES:
+        env.pop(debug, None)
     if world_size > 1:
         one_node_per_worker = isinstance(network, netns.Network)
         local_world = 1 if one_node_per_worker else world_size
