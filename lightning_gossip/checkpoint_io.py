@@ -224,12 +224,20 @@ def save_part(
     """Write this rank's part of save ``save_id`` of ``main_path`` (atomically, through ``checkpoint_io``) with its
     header. Returns the record the main file keeps of it: ``{"rank", "bytes", "digest"}`` (``bytes`` -1 when the file
     is not local)."""
+    return write_part_with_header(checkpoint_io.save_checkpoint, main_path, save_id, rank, world_size, state)
+
+
+def write_part_with_header(
+    write: Callable[[dict[str, Any], str], None], main_path: str, save_id: str, rank: int, world_size: int,
+    state: Mapping[str, Any],
+) -> dict[str, Any]:
+    """:func:`save_part` with the writer ``write(state, path)`` (the adapters' ``write_part``)."""
     if PART_HEADER_KEY in state:
         raise ValueError(f"A checkpoint part's state may not use the key {PART_HEADER_KEY!r} (the part's header).")
     digest = content_digest(state)
     header = {"format": PART_FORMAT, "save_id": save_id, "rank": rank, "world_size": world_size, "digest": digest}
     path = part_path(main_path, parts_dir(main_path, save_id), rank)
-    checkpoint_io.save_checkpoint({**state, PART_HEADER_KEY: header}, path)
+    write({**state, PART_HEADER_KEY: header}, path)
     size = -1
     if _is_local_file_protocol(path):
         with suppress(OSError):

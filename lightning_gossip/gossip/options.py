@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,11 +25,14 @@ from lightning_gossip.gossip.topology import Topology, TopologyLike, resolve_top
 TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_MODES = ("consensus", "local")
 ON_NONFINITE = ("warn", "error")
+# ``verify=None`` reads this environment variable ("1"/"true"/"yes" on, "0"/"false"/"no"/"" off), so a test suite or a
+# debugging session can switch the invariant checks on for every run, launched workers included, without code changes.
+VERIFY_ENV = "LIGHTNING_GOSSIP_VERIFY"
 
 
 @dataclass(frozen=True)
 class GossipOptions:
-    """The settings of GoSGD gossip (see the README's option table).
+    """The settings of GoSGD gossip (see the documentation's options page, docs/options.md).
 
     Args:
         p: probability that a rank pushes its weights after a step, in [0, 1].
@@ -46,7 +50,12 @@ class GossipOptions:
         eval_mode: ``"consensus"`` evaluates the exact average of all ranks; ``"local"`` each rank's own model.
         final_consensus: at the end of training, put the exact average on every rank.
         asynchronous: GoSGD as published: no rank waits for another during an epoch; messages are mixed in when
-            they arrive (no schedule, no staleness).
+            they arrive (no schedule, no staleness, no periodic global average).
+        verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (total gossip weight 1,
+            the exact mean unchanged by looking at it, messages sent == received, every sample once per epoch with
+            work sharing); a violation raises :class:`~lightning_gossip.gossip.errors.GossipInvariantError` naming
+            the invariant and the ranks. Costs an extra all-reduce of the model per evaluation or checkpoint.
+            ``None`` reads the environment variable ``LIGHTNING_GOSSIP_VERIFY``; held resolved, as a bool.
     """
 
     p: float = 0.1
@@ -61,6 +70,7 @@ class GossipOptions:
     eval_mode: str = "consensus"
     final_consensus: bool = True
     asynchronous: bool = False
+    verify: Optional[bool] = None
 
     def __post_init__(self) -> None:
         resolved = {
@@ -75,14 +85,11 @@ class GossipOptions:
             "eval_mode": _check_choice("eval_mode", self.eval_mode, EVAL_MODES, f"one of {EVAL_MODES}"),
             "final_consensus": check_bool("final_consensus", self.final_consensus),
             "asynchronous": check_bool("asynchronous", self.asynchronous),
+            "verify": resolve_verify(self.verify),
         }
         resolved["overlap"] = resolved["staleness"] > 0
-        if resolved["asynchronous"] and resolved["staleness"] > 0:
-            raise ValueError(
-                f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
-                f"overlap={self.overlap!r}, staleness={self.staleness!r}) have no meaning there: leave them unset, or "
-                "use the lock-step mode."
-            )
+        if resolved["asynchronous"]:
+            _check_asynchronous(self, resolved)
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
 
@@ -95,6 +102,41 @@ class GossipOptions:
     def schedule_seed(self, fallback: int = 0) -> int:
         """The schedule's seed: :attr:`seed`, or ``fallback`` (e.g. the global seed) when it is ``None``."""
         return self.seed if self.seed is not None else int(fallback)
+
+    @property
+    def mode(self) -> str:
+        """``"asynchronous"`` or ``"lock-step"``: which exchange (and which Lightning-side mode) a run uses."""
+        return "asynchronous" if self.asynchronous else "lock-step"
+
+
+def _check_asynchronous(given: GossipOptions, resolved: dict[str, Any]) -> None:
+    """Refuse what needs every rank at the same step, which the asynchronous mode gives up (checked here, once)."""
+    if resolved["staleness"] > 0:
+        raise ValueError(
+            f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
+            f"overlap={given.overlap!r}, staleness={given.staleness!r}) have no meaning there: leave them unset, or "
+            "use the lock-step mode."
+        )
+    if resolved["average_every"] is not None:
+        raise ValueError(
+            f"asynchronous=True cannot take average_every={given.average_every!r}: a global average every H steps "
+            "needs every rank at the same step, and asynchronous ranks count their own steps (they would each call "
+            "the average at a different moment and wait for one another until the timeout). Leave average_every=None "
+            "(the consensus is still exact at every quiescent point: each epoch's end, evaluation, checkpoints and "
+            "the end of fit), or use the lock-step mode for Gossip-PGA / Local SGD."
+        )
+
+
+def resolve_verify(value: Any) -> bool:
+    """``verify`` as a bool: ``None`` reads ``LIGHTNING_GOSSIP_VERIFY`` (unset or empty: off)."""
+    if value is not None:
+        return check_bool("verify", value)
+    text = os.environ.get(VERIFY_ENV, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{VERIFY_ENV} must be one of 1/0, true/false, yes/no, on/off (or unset), got {text!r}.")
 
 
 def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:
