@@ -83,7 +83,11 @@ def test_save_load_round_trip_resumes_every_rank_exactly(straight):
     parts = saved_parts(out / "gossip.ckpt")  # one part per rank, written by that rank: rank 0's file stays small
     weights = [part["gossip"]["weight"] for part in parts]
     assert abs(sum(weights) - 1.0) < 1e-12, weights  # blocking exchange: no weight in flight at a save
-    assert sorted(parts[0]) == ["gossip", "model", "optimizer"]
+    assert sorted(parts[0]) == ["gossip", "gossip_part", "model", "optimizer"]
+    # each part carries its header: this save, its rank, the world size, and the digest the main file records too
+    assert [part["gossip_part"]["rank"] for part in parts] == list(range(len(parts)))
+    assert {part["gossip_part"]["save_id"] for part in parts} == {checkpoint["gossip"]["save_id"]}
+    assert [part["gossip_part"]["digest"] for part in parts] == checkpoint["gossip"]["part_digests"]
     assert "ranks" not in checkpoint["gossip"] and "model" not in checkpoint["gossip"]
 
 
