@@ -58,6 +58,9 @@ from lightning_gossip.gossip.topology import RandomPeer, resolve_topology, valid
 
 log = logging.getLogger("lightning_gossip.survival")
 
+#: How long probes may look for the dead peer behind a failed receive before the run fails (on_peer_loss="continue").
+TROUBLE_GRACE_SECONDS = 5.0
+
 # Header slot 3 (reserved in GossipState's layout) says what a message is.
 _KIND_SLOT = 3
 _KIND_GOSSIP = 0.0
@@ -180,6 +183,8 @@ class AsyncGossipExchange:
         self._failed_sends: list[tuple[int, float, BaseException]] = []  # (destination, weight, error), not handled
         self._current_receive: Optional[tuple[Any, Tensor]] = None  # the receive the receiver thread waits for
         self._receiver_trouble: Optional[BaseException] = None
+        self._trouble_since: Optional[float] = None  # when the receiver's trouble was first seen (monotonic)
+        self._lost_at_trouble = 0  # how many peers were known lost then
         # The last consistent cut: its members, their gossip weights, and the cumulative counts then.
         self._cut_members = list(range(world))
         self._cut_weights = [1.0 / world] * world
@@ -279,13 +284,24 @@ class AsyncGossipExchange:
     def _check_receiver(self) -> None:
         trouble = self._receiver_trouble
         if trouble is not None and self.survivors is not None:
-            self._receiver_trouble = None
+            # A receive failed: a peer died while its message was being read. Explained once a peer is known lost (a
+            # survivor may have declared it already) or a probe finds one; the evidence can lag the receive's error
+            # by a moment, so probes go on for TROUBLE_GRACE_SECONDS before the run fails.
+            now = time.monotonic()
+            if self._trouble_since is None:
+                self._trouble_since = now
+                self._lost_at_trouble = len(self.survivors.lost)
+            self.survivors.refresh(force=True)
             others = [r for r in self.survivors.alive if r != self.rank]
-            if not self.survivors.check(others, "an asynchronous gossip receive", force=True):
+            found = self.survivors.check(others, "an asynchronous gossip receive")
+            if found or len(self.survivors.lost) > self._lost_at_trouble:
+                self._receiver_trouble = None
+                self._trouble_since = None
+            elif now - self._trouble_since > TROUBLE_GRACE_SECONDS:
                 self._failed = True
                 raise GossipPeerError(
-                    f"Rank {self.rank}: the asynchronous gossip receiver failed and no peer is gone: {trouble}",
-                    self.rank, [],
+                    f"Rank {self.rank}: the asynchronous gossip receiver failed and no peer was found gone within "
+                    f"{TROUBLE_GRACE_SECONDS:.0f} s: {trouble}", self.rank, [],
                 ) from trouble
         error = self._receiver_error
         if error is not None:
