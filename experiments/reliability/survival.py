@@ -118,10 +118,13 @@ def run(epochs: int, kill_step: int) -> dict:
         entry["median_step_s"] = sorted(gaps)[len(gaps) // 2] if gaps else None
         if killed is not None:
             kill = killed["at"] + 0.2  # when the SIGKILL was sent (after the 0.2 s pause)
+            before = [t for t in times if t <= kill]
             after = [t for t in times if t > kill]
+            entry["last_step_before_kill_s"] = round(kill - before[-1], 4) if before else None
             entry["kill_to_next_step_s"] = round(after[0] - kill, 4) if after else None
-            around = [b - a for a, b in zip(times, times[1:]) if b > kill - 1 and a < kill + 5]
-            entry["longest_step_gap_around_kill_s"] = round(max(around), 4) if around else None
+            # The gap between this rank's steps across the kill (its epoch's end included if it fell in between).
+            entry["step_gap_across_kill_s"] = round(after[0] - before[-1], 4) if before and after else None
+            entry["steps_after_kill"] = len(after)
             lost = result["report"]["lost"]
             entry["learned_of_loss_s"] = round(lost[0]["declared_at"] - kill, 4) if lost else None
             entry["counters"] = result["counters"]
