@@ -87,7 +87,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: at the end of ``fit``, put the exact average on every rank.
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
-        asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
+        asynchronous: GoSGD as published: no rank waits for another during an epoch (see docs/modes/asynchronous.md).
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
             consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
         on_peer_loss: only ``"fail"`` (a lost peer stops every rank with a ``GossipPeerError`` naming it). Surviving
