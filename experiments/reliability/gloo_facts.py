@@ -1,4 +1,8 @@
-"""What gloo does when one member of a group is SIGKILLed (torch experiment)."""
+"""What gloo does when one member of a group is SIGKILLed: the exploratory experiment behind the facts listed in
+``lightning_gossip/gossip/survival.py`` (4 ranks, rank 2 kills itself; each survivor prints what its pending and new
+sends/receives, the store, a group of the survivors and a collective over the old group did). Run:
+``python experiments/reliability/gloo_facts.py <free port>`` (prints per rank; it checks nothing itself: the facts the
+design rests on are asserted by ``tests/distributed/test_survival.py`` through the behaviour they give)."""
 import os, sys, time, signal, threading, json
 from datetime import timedelta
 import torch, torch.distributed as dist
