@@ -10,8 +10,8 @@ accounting with them, and :class:`~lightning_gossip.gossip.work_sharing.WorkShar
 unfinished data.
 
 What gloo does when a member of a group is SIGKILLed (measured with torch 2.13's gloo on 127.0.0.1, 4 ranks; the
-experiments are in ``experiments/reliability/gloo_facts.py``, and ``tests/distributed/test_survival.py`` keeps
-checking the ones this design rests on):
+exploratory experiment is ``experiments/reliability/gloo_facts.py``; ``tests/distributed/test_survival.py`` checks
+the behaviour built on these facts, not the facts one by one):
 
 1. A ``recv_anysource`` that is posted and not yet matched to a message is *not* affected: it stays pending and
    later receives a survivor's message normally. Sends between survivors on the same group keep working.
