@@ -166,14 +166,16 @@ def _check_accounting(out, victim_trained):
     return report
 
 
-def test_survivors_finish_after_a_peer_is_killed_mid_epoch(tmp_path):
-    # Its 14th step: in epoch 1 or 0 (about 10 steps per rank per epoch, fewer or more with the ranks' speeds).
-    out, victim_trained = _run(tmp_path, "step", 13)
+@pytest.mark.parametrize("kill_step", [13, pytest.param(4, marks=pytest.mark.slow),
+                                       pytest.param(8, marks=pytest.mark.slow)])
+def test_survivors_finish_after_a_peer_is_killed_mid_epoch(tmp_path, kill_step):
+    # Before its step kill_step + 1 (about 10 steps per rank per epoch, fewer or more with the ranks' speeds).
+    out, victim_trained = _run(tmp_path, "step", kill_step)
     report = _check_accounting(out, victim_trained)
     account = report["accounts"][0]
     assert account["ranks"] == [VICTIM] and account["survivors"] == sorted(out)
-    # The victim trained exactly 13 batches before it died, and the survivors every configured epoch after it.
-    assert sum(len(ids) for ids in victim_trained.values()) == 13 * BATCH
+    # The victim trained exactly kill_step batches before it died, and the survivors every configured epoch after it.
+    assert sum(len(ids) for ids in victim_trained.values()) == kill_step * BATCH
 
 
 @pytest.mark.slow
