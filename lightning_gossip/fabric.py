@@ -47,7 +47,7 @@ from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
-from lightning_gossip.modes import LockStep, mode_for
+from lightning_gossip.modes import LockStep, mode_for, refuse_peer_loss_survival
 
 
 class _NothingToSkip:
@@ -94,6 +94,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
         verify: Optional[bool] = None,
+        on_peer_loss: Literal["fail"] = "fail",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -119,6 +120,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             asynchronous=asynchronous,
             verify=verify,
         )
+        refuse_peer_loss_survival(on_peer_loss, "GossipFabricStrategy")
         check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,

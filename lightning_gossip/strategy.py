@@ -53,6 +53,7 @@ from lightning_gossip.gossip.options import check_bool, check_optional_int, chec
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
+from lightning_gossip.modes import refuse_peer_loss_survival
 from lightning_gossip.trainer_modes import TrainerLockStep, trainer_mode_for
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         asynchronous: GoSGD as published: no rank waits for another during an epoch (see docs/modes/asynchronous.md).
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
             consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
+        on_peer_loss: only ``"fail"`` (a lost peer stops every rank with a ``GossipPeerError`` naming it). Surviving
+            a lost peer (``"continue"``) is for the plain-torch averager only; the Trainer's own collectives over
+            every rank would not survive it (see docs/reliability.md).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -129,6 +133,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
         verify: Optional[bool] = None,
+        on_peer_loss: Literal["fail"] = "fail",
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -156,6 +161,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             asynchronous=asynchronous,
             verify=verify,
         )
+        refuse_peer_loss_survival(on_peer_loss, "GossipStrategy")
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
         check_timeout(timeout)
