@@ -30,6 +30,7 @@ from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
 from lightning_gossip.gossip.exchange import Exchange, GossipExchange
 from lightning_gossip.gossip.options import GossipOptions
+from lightning_gossip.gossip.outer import OuterOptimizer, OuterSchedule, load_outer_state
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 from lightning_gossip.gossip.topology import validate_topology
@@ -108,14 +109,18 @@ class GossipAverager:
         self.world_size = dist.get_world_size(group)
         validate_topology(options.topology, self.world_size)
         self.schedule = GossipSchedule(self.world_size, options.p, options.topology, options.schedule_seed())
+        if options.outer_every is not None:  # the outer optimizer's pairings every H steps (outer.py)
+            self.schedule = OuterSchedule(self.schedule, options.outer_every)
         self.state = GossipState(
             gossiped_tensors(module, options.mix_buffers), 1.0 / self.world_size, options.transfer_dtype
         )
         check_same_model_on_all_ranks(module, options.mix_buffers, group)
         self.exchange: Exchange = (exchange or _default_exchange(options))(self.state, options, group, self.schedule)
         self._step = 0
+        self.outer: Optional[OuterOptimizer] = None
         if broadcast:
             self.broadcast_from_rank_zero()
+        self.outer = OuterOptimizer.for_module(module, options)  # slow weights = the starting model
 
     # -- public read-outs -----------------------------------------------------------------------------------------
     @property
@@ -156,6 +161,8 @@ class GossipAverager:
         if self.world_size > 1:
             self.exchange.step(self._step)
         self._step += 1
+        if self.outer is not None and self.outer.due(self._step):
+            self.outer.step()
         if self.world_size > 1 and self.options.average_every and self._step % self.options.average_every == 0:
             self.consensus_()
 
@@ -203,6 +210,8 @@ class GossipAverager:
             dist.broadcast(flat, src=self._global_rank_zero(), group=self.group)
         self.state.load_flat(flat)
         self.state.weight = 1.0 / self.world_size
+        if self.outer is not None:
+            self.outer.restart()
 
     def _global_rank_zero(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
@@ -225,6 +234,8 @@ class GossipAverager:
         self.finish()
         mean, total = self.state.weighted_mean(group=self.group, on_nonfinite=self.options.on_nonfinite)
         distance = self.state.consensus_distance(mean, self.group)
+        if self.outer is not None:  # the outer state's a-weighted means too, so every rank holds one state
+            self.outer.consensus_(self.state.weight, self.group, self.options.on_nonfinite)
         self.state.load_flat(mean)
         self.state.weight = total / self.world_size
         return distance
@@ -270,6 +281,7 @@ class GossipAverager:
             "world_size": self.world_size,
             "staleness": self.options.staleness,
             **self.exchange.state_dict(),
+            **({"outer": self.outer.state_dict()} if self.outer is not None else {}),
         }
 
     def checkpoint_state_dict(self) -> dict[str, Any]:
@@ -302,7 +314,12 @@ class GossipAverager:
         self.state.weight = float(state["weight"])
         self._step = int(state["step"])
         self.exchange.load_state_dict(state)
+        load_outer_state(self.outer, state.get("outer"), self.rank)
 
     def continue_schedule_at(self, step: int) -> None:
-        """Start counting gossip steps at ``step`` (resuming onto another number of workers: the old position)."""
+        """Start counting gossip steps at ``step`` (resuming onto another number of workers: the old position).
+
+        The outer optimizer starts afresh there: slow weights = the model now (the consensus), momentum zero."""
         self._step = int(step)
+        if self.outer is not None:
+            self.outer.restart()

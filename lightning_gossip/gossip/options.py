@@ -10,6 +10,7 @@ that names the value and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ class GossipOptions:
         final_consensus: at the end of training, put the exact average on every rank.
         asynchronous: GoSGD as published: no rank waits for another during an epoch; messages are mixed in when
             they arrive (no schedule, no staleness).
+        outer_every: the outer optimizer (``lightning_gossip/gossip/outer.py``, ``docs/outer.md``): every this many
+            steps the ranks pair up at random, each pair averages its models, and every rank takes an outer step
+            (Nesterov momentum on its pseudo-gradient, as DiLoCo and NoLoCo do) from its slow weights. ``None``: off.
+        outer_lr: the outer learning rate, > 0 (1 with no momentum: the slow weights jump to the averaged model).
+        outer_momentum: the outer momentum, in [0, 1).
+        outer_nesterov: Nesterov momentum (DiLoCo's outer SGD) instead of heavy-ball (NoLoCo's code).
     """
 
     p: float = 0.1
@@ -61,6 +68,10 @@ class GossipOptions:
     eval_mode: str = "consensus"
     final_consensus: bool = True
     asynchronous: bool = False
+    outer_every: Optional[int] = None
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
 
     def __post_init__(self) -> None:
         resolved = {
@@ -75,6 +86,10 @@ class GossipOptions:
             "eval_mode": _check_choice("eval_mode", self.eval_mode, EVAL_MODES, f"one of {EVAL_MODES}"),
             "final_consensus": check_bool("final_consensus", self.final_consensus),
             "asynchronous": check_bool("asynchronous", self.asynchronous),
+            "outer_every": check_optional_int("outer_every", self.outer_every, minimum=1, unit="steps"),
+            "outer_lr": check_positive_real("outer_lr", self.outer_lr),
+            "outer_momentum": check_momentum("outer_momentum", self.outer_momentum),
+            "outer_nesterov": check_bool("outer_nesterov", self.outer_nesterov),
         }
         resolved["overlap"] = resolved["staleness"] > 0
         if resolved["asynchronous"] and resolved["staleness"] > 0:
@@ -82,6 +97,17 @@ class GossipOptions:
                 f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
                 f"overlap={self.overlap!r}, staleness={self.staleness!r}) have no meaning there: leave them unset, or "
                 "use the lock-step mode."
+            )
+        if resolved["outer_every"] is not None and resolved["staleness"] > 0:
+            raise ValueError(
+                f"outer_every={resolved['outer_every']} takes the outer step right after the pairs have averaged "
+                f"their models, so it needs blocking exchanges (staleness 0), got overlap={self.overlap!r}, "
+                f"staleness={self.staleness!r}: leave them unset."
+            )
+        if resolved["outer_every"] is not None and resolved["asynchronous"]:
+            raise ValueError(
+                f"outer_every={resolved['outer_every']} is not available in the asynchronous mode yet "
+                "(asynchronous=True); use the lock-step mode."
             )
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
@@ -153,6 +179,20 @@ def check_timeout(value: Any) -> Any:
             f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {value!r}."
         )
     return value
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """A finite real number > 0 (not a bool), else an error naming the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_momentum(name: str, value: Any) -> float:
+    """A real number in [0, 1) (not a bool), else an error naming the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+    return float(value)
 
 
 def check_optional_int(name: str, value: Any, minimum: int, unit: str = "") -> Optional[int]:

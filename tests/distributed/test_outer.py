@@ -1,0 +1,193 @@
+"""The outer optimizer through the averager on real gloo processes: every rank replayed against an oracle at every
+outer step, mass, the consensus of (theta, phi, b), DiLoCo at two ranks, exact resume."""
+
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gossip.gossip import GossipAverager
+from lightning_gossip.gossip.outer import outer_update_, random_pairing
+from tests.helpers.distributed import run_distributed
+
+LR, MU = 0.7, 0.9
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _batches(rank: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1000 + rank)  # this rank's shard
+    out = []
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=g)
+        out.append((x, (x[:, 0] > x[:, 1]).long()))
+    return out
+
+
+def _train_step(model, opt, batch) -> None:
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    opt.step()
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).clone()
+
+
+def _gather(flat: torch.Tensor) -> list[torch.Tensor]:
+    everyone = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    return everyone
+
+
+def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([x.double() for x in xs]).mean(0)
+
+
+def _replay_against_oracle(rank, world_size, every, steps, nesterov):
+    model = _model()
+    averager = GossipAverager(model, p=0.0, seed=7, mix_buffers=False, outer_every=every, outer_lr=LR,
+                              outer_momentum=MU, outer_nesterov=nesterov)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outer = averager.outer
+    report = {"worst_rank_error": 0.0, "worst_mean_error": 0.0, "weights": set(), "outer_steps": 0}
+    for t, batch in enumerate(_batches(rank, steps)):
+        _train_step(model, opt, batch)
+        thetas = _gather(_flat(model.parameters()))
+        slows, bufs = _gather(_flat(outer.slow)), _gather(_flat(outer.buffer))
+        averager.step()
+        report["weights"].add(averager.weight)
+        if (t + 1) % every:
+            # no outer step: nothing moved (p = 0), the slow weights stay
+            assert torch.equal(_flat(model.parameters()), thetas[rank]) and torch.equal(_flat(outer.slow), slows[rank])
+            continue
+        report["outer_steps"] += 1
+        partner = int(random_pairing(7, t, world_size)[rank])
+        mixed = thetas[rank] if partner < 0 else (thetas[rank] + thetas[partner]) / 2
+        o_theta, o_slow, o_buf = [mixed.double()], [slows[rank].double()], [bufs[rank].double()]
+        outer_update_(o_theta, o_slow, o_buf, LR, MU, nesterov)
+        for mine, oracle in ((_flat(model.parameters()), o_theta[0]), (_flat(outer.slow), o_slow[0]),
+                             (_flat(outer.buffer), o_buf[0])):
+            report["worst_rank_error"] = max(report["worst_rank_error"], float((mine.double() - oracle).abs().max()))
+        # The means over ranks (a_i = 1/M) follow DiLoCo's outer SGD with the mean pseudo-gradient exactly.
+        new_slow, new_buf = _gather(_flat(outer.slow)), _gather(_flat(outer.buffer))
+        delta = _mean(thetas) - _mean(slows)
+        want_buf = MU * _mean(bufs) + delta
+        want_slow = _mean(slows) + LR * ((delta + MU * want_buf) if nesterov else want_buf)
+        report["worst_mean_error"] = max(report["worst_mean_error"], float((_mean(new_buf) - want_buf).abs().max()),
+                                         float((_mean(new_slow) - want_slow).abs().max()))
+    mass = torch.tensor([averager.weight], dtype=torch.float64)
+    dist.all_reduce(mass)
+    report["mass"] = float(mass)
+    report["bytes_sent"] = averager.counters.bytes_sent
+    report["message_bytes"] = averager.state.message_bytes
+    return report
+
+
+@pytest.mark.parametrize("world_size, nesterov", [(4, True), (3, False)])
+def test_every_rank_follows_the_oracle_and_the_mean_follows_diloco(world_size, nesterov):
+    every, steps = 3, 13
+    for rank, report in enumerate(run_distributed(_replay_against_oracle, world_size, every, steps, nesterov)):
+        assert report["outer_steps"] == steps // every
+        assert report["worst_rank_error"] < 1e-6, report
+        assert report["worst_mean_error"] < 1e-6, report
+        assert report["weights"] == {1.0 / world_size}  # equal weights stay equal: pairs of equal weights
+        assert abs(report["mass"] - 1.0) < 1e-12
+        # one model per outer step, except the rounds this rank sat out (odd world size)
+        sent = report["bytes_sent"] // report["message_bytes"]
+        left_out = sum(random_pairing(7, t, world_size)[rank] < 0 for t in range(every - 1, steps, every))
+        assert sent == steps // every - left_out
+
+
+def _two_ranks_vs_diloco(rank, world_size, every, steps):
+    """Two ranks always pair with each other: the method is DiLoCo (all-reduced pseudo-gradient, outer SGD)."""
+    batches = _batches(rank, steps)
+    model = _model()
+    averager = GossipAverager(model, p=0.0, seed=1, outer_every=every, outer_lr=LR, outer_momentum=MU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    reference = _model()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    slow = [p.detach().clone().requires_grad_(True) for p in reference.parameters()]
+    outer_opt = torch.optim.SGD(slow, lr=LR, momentum=MU, nesterov=True)
+    for t, batch in enumerate(batches):
+        _train_step(model, opt, batch)
+        averager.step()
+        _train_step(reference, ref_opt, batch)
+        if (t + 1) % every == 0:
+            for s, p in zip(slow, reference.parameters()):
+                grad = s.detach() - p.detach()
+                dist.all_reduce(grad)
+                s.grad = grad / world_size
+            outer_opt.step()
+            with torch.no_grad():
+                for s, p in zip(slow, reference.parameters()):
+                    p.copy_(s)
+    return _flat(model.parameters()), _flat(reference.parameters())
+
+
+def test_two_ranks_are_diloco():
+    results = run_distributed(_two_ranks_vs_diloco, 2, 4, 14)
+    for gossip, diloco in results:
+        assert torch.allclose(gossip, diloco, rtol=0, atol=1e-6), (gossip - diloco).abs().max()
+
+
+def _save(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _resume_and_consensus(rank, world_size, every, steps, cut):
+    """p > 0 between outer steps (weights become unequal); a checkpoint at ``cut`` resumed exactly; consensus_()."""
+    batches = _batches(rank, steps)
+
+    def build(broadcast=True):
+        model = _model()
+        averager = GossipAverager(model, p=0.4, seed=3, outer_every=every, broadcast=broadcast)
+        return model, averager, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, averager, opt = build()
+    saved = None
+    for t, batch in enumerate(batches):
+        if t == cut:
+            saved = _save({"model": model.state_dict(), "opt": opt.state_dict(), "gossip": averager.state_dict()})
+        _train_step(model, opt, batch)
+        averager.step()
+    straight = (_flat(model.parameters()), _flat(averager.outer.slow), _flat(averager.outer.buffer), averager.weight)
+
+    model2, averager2, opt2 = build(broadcast=False)
+    state = torch.load(io.BytesIO(saved), weights_only=False)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    averager2.load_state_dict(state["gossip"])
+    for batch in batches[cut:]:
+        _train_step(model2, opt2, batch)
+        averager2.step()
+    resumed = (_flat(model2.parameters()), _flat(averager2.outer.slow), _flat(averager2.outer.buffer), averager2.weight)
+
+    # consensus_(): every rank gets the a-weighted means of theta, phi and b, and weight 1/M
+    weight = averager.weight
+    weighted = [_gather(torch.cat([x.double() * weight for x in straight[:3]])), _gather(torch.tensor([weight]).double())]
+    averager.consensus_()
+    after = torch.cat([_flat(model.parameters()), _flat(averager.outer.slow), _flat(averager.outer.buffer)])
+    expected = torch.stack(weighted[0]).sum(0) / torch.stack(weighted[1]).sum()
+    return {"straight": straight, "resumed": resumed, "after": after, "expected": expected, "weight": averager.weight,
+            "weight_before": weight}
+
+
+def test_resume_is_exact_and_consensus_puts_the_weighted_outer_state_on_every_rank():
+    results = run_distributed(_resume_and_consensus, 3, 4, 19, 7)
+    for r in results:
+        for a, b in zip(r["straight"][:3], r["resumed"][:3]):
+            assert torch.equal(a, b)
+        assert r["straight"][3] == r["resumed"][3]
+        assert torch.allclose(r["after"].double(), r["expected"], rtol=0, atol=1e-6)
+        assert torch.equal(r["after"], results[0]["after"])  # one identical state on every rank
+        assert r["weight"] == pytest.approx(1 / 3, abs=1e-15)
+    assert len({r["weight_before"] for r in results}) > 1  # the inner gossip did make the weights unequal
+    assert abs(sum(r["weight_before"] for r in results) - 1.0) < 1e-12
