@@ -38,6 +38,7 @@ from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
+from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
 from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 
@@ -56,7 +57,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
 
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
     ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
-    ``final_consensus``, ``on_nonfinite``, ``asynchronous``; see the README's option table), checked once by
+    ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``outer_every``, ``outer_lr``, ``outer_momentum``,
+    ``outer_nesterov``; see the README's option table), checked once by
     :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
     (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
     per-step SIGTERM broadcast.
@@ -86,6 +88,10 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        outer_every: Optional[int] = None,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -109,6 +115,10 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            outer_every=outer_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
         )
         check_timeout(timeout)
         super().__init__(
@@ -367,6 +377,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                 start_method=start_method,
                 **extra,
             )
+        strategy_registry.register("gossip_outer", cls, description=OUTER_DESCRIPTION, **RECOMMENDED_OUTER)
 
 
 def _asynchronous_mode_exists() -> bool:

@@ -51,6 +51,7 @@ from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
+from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
@@ -86,6 +87,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
+        outer_every: the outer optimizer (docs/outer.md): every this many steps the ranks pair up at random, each
+            pair averages its models and every rank takes a Nesterov outer step (``outer_lr``, ``outer_momentum``,
+            ``outer_nesterov``) from its slow weights, as DiLoCo does with an all-reduce. ``None``: off. The
+            registered name ``"gossip_outer"`` has the recommended settings.
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -126,6 +131,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        outer_every: Optional[int] = None,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -151,6 +160,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            outer_every=outer_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
         )
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
@@ -615,6 +628,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         strategy_registry.register(
             "gossip_async", cls, description="Asynchronous GoSGD gossip (no rank waits for another)", asynchronous=True
         )
+        strategy_registry.register("gossip_outer", cls, description=OUTER_DESCRIPTION, **RECOMMENDED_OUTER)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.

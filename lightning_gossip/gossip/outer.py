@@ -44,6 +44,15 @@ from torch import Tensor, nn
 from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan, uniform_all_ranks
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 
+# The registered strategy name "gossip_outer" (Trainer and Fabric) and conf/strategy/gossip_outer.yaml: no gossip
+# between outer steps, the settings the MNIST-1D tuning chose (experiments/results/mnist1d/README.md, docs/outer.md).
+RECOMMENDED_OUTER: dict[str, Any] = {"p": 0.0, "outer_every": 8, "outer_lr": 0.3, "outer_momentum": 0.9,
+                                     "outer_nesterov": True}
+OUTER_DESCRIPTION = (
+    "Gossip with an outer optimizer: every 8 steps a random pairing averages models, then a Nesterov outer step "
+    "from each rank's slow weights (DiLoCo without an all-reduce)"
+)
+
 # The pairing's own stream of draws (the lock-step schedule uses streams 0 and 1 for its coins and peers).
 STREAM_PAIRING = 2
 

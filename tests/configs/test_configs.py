@@ -115,6 +115,12 @@ def test_strategy_configs(tmp_path, name):
         assert strategy._start_method == ("spawn" if name == "gossip_spawn" else "popen")
         if name == "local_sgd":
             assert strategy.p == 0.0 and strategy.options.average_every == cfg.strategy.average_every > 0
+        if name == "gossip_outer":  # the registered name's settings, written once more for Hydra: kept in step
+            from lightning_gossip.gossip.outer import RECOMMENDED_OUTER
+
+            assert {key: getattr(strategy.options, key) for key in RECOMMENDED_OUTER} == RECOMMENDED_OUTER
+        else:
+            assert strategy.options.outer_every is None
 
 
 @pytest.mark.parametrize("name", options("trainer"))
