@@ -2,7 +2,8 @@
 
 Layers, each using only the ones below it: :mod:`options` (every setting, checked once) -> :mod:`averager` (the run's
 lifecycle) -> :mod:`exchange` (moves messages, owns those in flight) -> :mod:`schedule` / :mod:`topology` (who sends
-to whom) and :mod:`state` (the flat view of the model, the gossip weight and the mixing rule).
+to whom) and :mod:`state` (the flat view of the model, the gossip weight and the mixing rule); :mod:`outer` is the
+optional outer optimizer (slow weights, outer momentum, a random pairing every H steps) the averager steps.
 """
 
 from lightning_gossip.gossip.averager import GossipAverager

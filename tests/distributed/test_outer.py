@@ -89,7 +89,7 @@ def _replay_against_oracle(rank, world_size, every, steps, nesterov):
     return report
 
 
-@pytest.mark.parametrize("world_size, nesterov", [(4, True), (3, False)])
+@pytest.mark.parametrize("world_size, nesterov", [(4, True), pytest.param(3, False, marks=pytest.mark.slow)])
 def test_every_rank_follows_the_oracle_and_the_mean_follows_diloco(world_size, nesterov):
     every, steps = 3, 13
     for rank, report in enumerate(run_distributed(_replay_against_oracle, world_size, every, steps, nesterov)):

@@ -153,6 +153,7 @@ def outer(tmp_path_factory) -> tuple[Path, list[dict]]:
     return straight_run(tmp_path_factory, "gossip_outer")
 
 
+@pytest.mark.slow  # two more 3-process Fabric launches; the Trainer run of "gossip_outer" is in the default suite
 def test_gossip_outer_loop_saves_the_outer_state_and_resumes_every_rank_exactly(outer):
     from lightning_gossip.gossip.outer import RECOMMENDED_OUTER
 
