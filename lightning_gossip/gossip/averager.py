@@ -30,7 +30,7 @@ from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
 from lightning_gossip.gossip.exchange import Exchange, GossipExchange
 from lightning_gossip.gossip.options import GossipOptions
-from lightning_gossip.gossip.outer import OuterOptimizer, OuterSchedule, load_outer_state
+from lightning_gossip.gossip.outer import OuterGossipState, OuterOptimizer, OuterSchedule, load_outer_state
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 from lightning_gossip.gossip.topology import validate_topology
@@ -111,7 +111,9 @@ class GossipAverager:
         self.schedule = GossipSchedule(self.world_size, options.p, options.topology, options.schedule_seed())
         if options.outer_every is not None:  # the outer optimizer's pairings every H steps (outer.py)
             self.schedule = OuterSchedule(self.schedule, options.outer_every)
-        self.state = GossipState(
+        # With the outer optimizer, what is mixed into the model is mixed into its slow weights too (outer.py).
+        state_type = OuterGossipState if options.outer_every is not None else GossipState
+        self.state = state_type(
             gossiped_tensors(module, options.mix_buffers), 1.0 / self.world_size, options.transfer_dtype
         )
         check_same_model_on_all_ranks(module, options.mix_buffers, group)
@@ -120,7 +122,7 @@ class GossipAverager:
         self.outer: Optional[OuterOptimizer] = None
         if broadcast:
             self.broadcast_from_rank_zero()
-        self.outer = OuterOptimizer.for_module(module, options)  # slow weights = the starting model
+        self.outer = OuterOptimizer.for_module(module, options, self.state)  # slow weights = the starting model
 
     # -- public read-outs -----------------------------------------------------------------------------------------
     @property
@@ -158,11 +160,11 @@ class GossipAverager:
     # -- the algorithm --------------------------------------------------------------------------------------------
     def step(self) -> None:
         """The GoSGD step after an optimizer step: maybe push to a peer, mix in what was sent to this rank."""
+        if self.outer is not None and self.outer.due(self._step + 1):
+            self.outer.step()  # first: this step's pairing then averages the new slow weights (outer.py)
         if self.world_size > 1:
             self.exchange.step(self._step)
         self._step += 1
-        if self.outer is not None and self.outer.due(self._step):
-            self.outer.step()
         if self.world_size > 1 and self.options.average_every and self._step % self.options.average_every == 0:
             self.consensus_()
 

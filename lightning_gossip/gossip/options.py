@@ -98,12 +98,6 @@ class GossipOptions:
                 f"overlap={self.overlap!r}, staleness={self.staleness!r}) have no meaning there: leave them unset, or "
                 "use the lock-step mode."
             )
-        if resolved["outer_every"] is not None and resolved["staleness"] > 0:
-            raise ValueError(
-                f"outer_every={resolved['outer_every']} takes the outer step right after the pairs have averaged "
-                f"their models, so it needs blocking exchanges (staleness 0), got overlap={self.overlap!r}, "
-                f"staleness={self.staleness!r}: leave them unset."
-            )
         if resolved["outer_every"] is not None and resolved["asynchronous"]:
             raise ValueError(
                 f"outer_every={resolved['outer_every']} is not available in the asynchronous mode yet "

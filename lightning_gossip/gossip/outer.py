@@ -3,32 +3,26 @@
 DiLoCo (Douillard et al. 2023) keeps, besides the model theta that the inner optimizer trains, slow weights phi.
 Every H steps it all-reduces the pseudo-gradient (the displacement theta_i - phi over the H steps), applies it to
 phi with an outer optimizer (SGD, Nesterov momentum 0.9, lr 0.7) and restarts every worker from the new phi. NoLoCo
-(Kolehmainen et al. 2025) does the same with no all-reduce: a random partition pairs the workers and each pair
-averages its phi and its pseudo-gradients. Here:
+(Kolehmainen et al. 2025) does it with no all-reduce: random pairs average their phi and pseudo-gradients before the
+outer step. Here, with ``outer_every=H``, every H-th step (after that optimizer step):
 
-    every H steps (the outer step, ``outer_every=H``):
-      1. the ranks pair up at random (a uniform perfect matching drawn from (seed, step), identical on every rank;
-         with an odd number of ranks one sits the round out); each pair averages its *models* theta with the
-         sum-weight rule (each rank halves a_i and pushes (theta_i, a_i) to its partner: one model per rank, the
-         plain gossip message);
-      2. every rank takes the outer step from its own slow weights, with d_i = theta_i - phi_i (theta_i now the
-         pair's average):  b_i <- mu b_i + d_i;  phi_i <- phi_i + lr (d_i + mu b_i)  (Nesterov; heavy-ball:
-         phi_i <- phi_i + lr b_i);  theta_i <- phi_i.
+  1. every rank takes the outer step from its own slow weights, with its own d_i = theta_i - phi_i:
+         b_i <- mu b_i + d_i;  phi_i <- phi_i + lr (d_i + mu b_i)   (Nesterov; heavy-ball: phi_i <- phi_i + lr b_i)
+         theta_i <- phi_i;
+  2. the ranks pair up at random (a uniform perfect matching drawn from (seed, step), the same on every rank; with
+     an odd number of ranks one sits the round out) and each pair averages what it now holds, theta_i = phi_i, by
+     the sum-weight rule: each halves a_i and pushes (theta_i, a_i) to its partner. One model per rank and round.
 
-Averaging theta = phi + d is NoLoCo's update with half its bytes: for a pair, mean(theta) - phi_i =
-mean(d) + (mean(phi) - phi_i), which is exactly NoLoCo's pseudo-gradient term plus its pull of phi_i towards the
-pair's mean phi (its ``m <- alpha m + gamma mean(theta - phi) + gamma (mean(phi) - phi_i)`` is our heavy-ball rule
-with lr = gamma, mu = alpha). So the pseudo-gradient and the slow weights are exchanged implicitly, in their sum.
+A pairing message is the sender's model right after its outer step, where it equals the sender's slow weights, so
+the receiver mixes it into its model *and* its slow weights with the same sum-weight share (:class:`OuterGossipState`),
+whenever it is mixed in (at once, or K steps later with ``staleness=K``): the model's exact consensus
+sum_i a_i theta_i and the slow weights' sum_i a_i phi_i are both conserved by every such mix; gossip moves neither,
+only the inner and outer steps do. sum_i a_i = 1 as in plain gossip. With ``p = 0`` pairs of equal weights keep
+equal weights, every a_i stays 1/M, and the means of (phi, b) follow DiLoCo's outer optimizer exactly (with the mean
+pseudo-gradient); at M = 2 the method *is* DiLoCo. b is per-rank state (averaged only by ``consensus_()``). Plain
+gossip between outer steps (``p > 0``) mixes models only (see :class:`OuterGossipState`).
 
-Mass and consensus: the pair exchange is the sum-weight rule, so sum_i a_i = 1 and the model's exact consensus
-sum_i a_i theta_i / sum_i a_i are what they are in plain gossip (conserved by every exchange; moved only by the inner
-and outer optimizer steps). Between exchanges every rank's a_i stays 1/M when nothing else is gossiped (p = 0):
-a pair of equal weights keeps equal weights. Then the weighted means of (theta, phi, b) are all left unchanged by
-the exchange and the outer step moves (mean phi, mean b) exactly as DiLoCo's outer optimizer would move its phi and
-b with the mean pseudo-gradient mean(theta) - mean(phi). phi and b are per-rank optimizer state; ``consensus_()``
-puts their a-weighted means on every rank along with the model's, so after it every rank holds one identical state.
-
-``docs/outer.md`` has the design, the alternatives and what was measured.
+``docs/outer.md`` has the design, the alternatives measured (NoLoCo's order: mix, then step) and the results.
 """
 
 from __future__ import annotations
@@ -133,6 +127,35 @@ def outer_update_(
     torch._foreach_copy_(theta, slow)
 
 
+class OuterGossipState(GossipState):
+    """A :class:`GossipState` whose mixing rule also moves the slow weights when the message is an outer-step one.
+
+    A message posted at an outer step holds its sender's model right after the outer step, where it equals the
+    sender's slow weights, so one payload stands for both: x <- lerp(x, x_s, w) for the model and
+    phi <- lerp(phi, x_s, w) for the slow weights (the parameters' part of the payload), with the same w. The
+    a-weighted sums of the models and of the slow weights are then each conserved by the mix. A message of the plain
+    gossip between outer steps (``p > 0``) holds a model away from its sender's slow weights and is mixed into the
+    model only (the model's consensus is conserved; the slow weights stay per-rank state, whose weighted mean moves
+    with the weights).
+    """
+
+    slow: Sequence[Tensor] = ()  # set by OuterOptimizer.for_module: the parameters' slow weights, in state order
+    every: int = 0  # H; a message whose header step t has (t + 1) % H == 0 was posted right after an outer step
+
+    def mix(self, message: Tensor, sender_weight: float) -> None:
+        share = sender_weight / (self.weight + sender_weight)
+        super().mix(message, sender_weight)
+        if self.slow and self.carries_slow_weights(message):
+            payload = self.payload(message)
+            if payload.dtype != self.work_dtype:
+                payload = payload.to(self.work_dtype)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.slow), self._views(payload)[: len(self.slow)], share)
+
+    def carries_slow_weights(self, message: Tensor) -> bool:
+        return self.every > 0 and (self.read_header(message)[1] + 1) % self.every == 0
+
+
 class OuterOptimizer:
     """A rank's slow weights phi and outer momentum b over the model's floating-point parameters, and the outer step.
 
@@ -151,12 +174,18 @@ class OuterOptimizer:
             self.buffer = [torch.zeros_like(p) for p in self.params]
 
     @classmethod
-    def for_module(cls, module: nn.Module, options: Any) -> Optional[OuterOptimizer]:
-        """The outer optimizer ``options`` ask for (``None`` when ``outer_every`` is not set)."""
+    def for_module(
+        cls, module: nn.Module, options: Any, state: Optional[GossipState] = None
+    ) -> Optional[OuterOptimizer]:
+        """The outer optimizer ``options`` ask for (``None`` when ``outer_every`` is not set); an
+        :class:`OuterGossipState` ``state`` then mixes what it receives into these slow weights too."""
         if options.outer_every is None:
             return None
         params = gossiped_tensors(module, include_buffers=False)
-        return cls(params, options.outer_every, options.outer_lr, options.outer_momentum, options.outer_nesterov)
+        outer = cls(params, options.outer_every, options.outer_lr, options.outer_momentum, options.outer_nesterov)
+        if isinstance(state, OuterGossipState):
+            state.slow, state.every = outer.slow, outer.every
+        return outer
 
     def due(self, steps_taken: int) -> bool:
         """Whether the outer step follows the gossip step that brought the count to ``steps_taken``."""

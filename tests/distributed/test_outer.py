@@ -67,12 +67,16 @@ def _replay_against_oracle(rank, world_size, every, steps, nesterov):
             assert torch.equal(_flat(model.parameters()), thetas[rank]) and torch.equal(_flat(outer.slow), slows[rank])
             continue
         report["outer_steps"] += 1
+        # the oracle: every rank's outer step from its own state, then each pair averages the new slow weights
+        stepped = []
+        for r in range(world_size):
+            o_theta, o_slow, o_buf = [thetas[r].double()], [slows[r].double()], [bufs[r].double()]
+            outer_update_(o_theta, o_slow, o_buf, LR, MU, nesterov)
+            stepped.append((o_slow[0], o_buf[0]))
         partner = int(random_pairing(7, t, world_size)[rank])
-        mixed = thetas[rank] if partner < 0 else (thetas[rank] + thetas[partner]) / 2
-        o_theta, o_slow, o_buf = [mixed.double()], [slows[rank].double()], [bufs[rank].double()]
-        outer_update_(o_theta, o_slow, o_buf, LR, MU, nesterov)
-        for mine, oracle in ((_flat(model.parameters()), o_theta[0]), (_flat(outer.slow), o_slow[0]),
-                             (_flat(outer.buffer), o_buf[0])):
+        slow = stepped[rank][0] if partner < 0 else (stepped[rank][0] + stepped[partner][0]) / 2
+        for mine, oracle in ((_flat(model.parameters()), slow), (_flat(outer.slow), slow),
+                             (_flat(outer.buffer), stepped[rank][1])):
             report["worst_rank_error"] = max(report["worst_rank_error"], float((mine.double() - oracle).abs().max()))
         # The means over ranks (a_i = 1/M) follow DiLoCo's outer SGD with the mean pseudo-gradient exactly.
         new_slow, new_buf = _gather(_flat(outer.slow)), _gather(_flat(outer.buffer))
@@ -143,19 +147,21 @@ def _save(obj) -> bytes:
 
 
 def _resume_and_consensus(rank, world_size, every, steps, cut):
-    """p > 0 between outer steps (weights become unequal); a checkpoint at ``cut`` resumed exactly; consensus_()."""
+    """p > 0 between outer steps (weights become unequal), staleness 2 (messages in flight at the cut); a checkpoint
+    at ``cut`` resumed exactly; consensus_()."""
     batches = _batches(rank, steps)
 
     def build(broadcast=True):
         model = _model()
-        averager = GossipAverager(model, p=0.4, seed=3, outer_every=every, broadcast=broadcast)
+        averager = GossipAverager(model, p=0.4, seed=3, outer_every=every, staleness=2, broadcast=broadcast)
         return model, averager, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     model, averager, opt = build()
-    saved = None
+    saved, in_flight_at_cut = None, False
     for t, batch in enumerate(batches):
         if t == cut:
             saved = _save({"model": model.state_dict(), "opt": opt.state_dict(), "gossip": averager.state_dict()})
+            in_flight_at_cut = averager.in_flight  # the pairing posted at step cut - 1 lands after step cut + 1
         _train_step(model, opt, batch)
         averager.step()
     straight = (_flat(model.parameters()), _flat(averager.outer.slow), _flat(averager.outer.buffer), averager.weight)
@@ -171,17 +177,20 @@ def _resume_and_consensus(rank, world_size, every, steps, cut):
     resumed = (_flat(model2.parameters()), _flat(averager2.outer.slow), _flat(averager2.outer.buffer), averager2.weight)
 
     # consensus_(): every rank gets the a-weighted means of theta, phi and b, and weight 1/M
+    averager.finish()  # the messages in flight home first (consensus_() does the same)
+    home = (_flat(model.parameters()), _flat(averager.outer.slow), _flat(averager.outer.buffer))
     weight = averager.weight
-    weighted = [_gather(torch.cat([x.double() * weight for x in straight[:3]])), _gather(torch.tensor([weight]).double())]
+    weighted = [_gather(torch.cat([x.double() * weight for x in home])), _gather(torch.tensor([weight]).double())]
     averager.consensus_()
     after = torch.cat([_flat(model.parameters()), _flat(averager.outer.slow), _flat(averager.outer.buffer)])
     expected = torch.stack(weighted[0]).sum(0) / torch.stack(weighted[1]).sum()
     return {"straight": straight, "resumed": resumed, "after": after, "expected": expected, "weight": averager.weight,
-            "weight_before": weight}
+            "weight_before": weight, "in_flight_at_cut": in_flight_at_cut}
 
 
 def test_resume_is_exact_and_consensus_puts_the_weighted_outer_state_on_every_rank():
-    results = run_distributed(_resume_and_consensus, 3, 4, 19, 7)
+    results = run_distributed(_resume_and_consensus, 3, 4, 19, 8)
+    assert sum(r["in_flight_at_cut"] for r in results) >= 2  # the paired ranks' messages were saved in flight
     for r in results:
         for a, b in zip(r["straight"][:3], r["resumed"][:3]):
             assert torch.equal(a, b)
@@ -191,3 +200,47 @@ def test_resume_is_exact_and_consensus_puts_the_weighted_outer_state_on_every_ra
         assert r["weight"] == pytest.approx(1 / 3, abs=1e-15)
     assert len({r["weight_before"] for r in results}) > 1  # the inner gossip did make the weights unequal
     assert abs(sum(r["weight_before"] for r in results) - 1.0) < 1e-12
+
+
+def _weighted_sums(averager) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """sum_i a_i theta_i and sum_i a_i phi_i over all ranks, messages in flight counted (each holds its sender's
+    model right after an outer step, where model and slow weights are equal), and sum_i a_i."""
+    n = sum(p.numel() for p in averager.outer.params)
+    theta = _flat(averager.state.tensors).double() * averager.weight
+    phi = _flat(averager.outer.slow).double() * averager.weight
+    mass = averager.weight
+    for message in averager.exchange.in_flight_messages():
+        weight = averager.state.read_header(message)[0]
+        payload = averager.state.payload(message).double()
+        theta += weight * payload
+        phi += weight * payload[:n]
+        mass += weight
+    total = torch.cat([theta, phi, torch.tensor([mass], dtype=torch.float64)])
+    dist.all_reduce(total)
+    return total[: theta.numel()], total[theta.numel(): theta.numel() + n], float(total[-1])
+
+
+def _stale_pairings_conserve(rank, world_size, every, staleness, steps):
+    model = _model()
+    averager = GossipAverager(model, p=0.0, seed=5, outer_every=every, staleness=staleness, mix_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    worst, mixes = 0.0, 0
+    for t, batch in enumerate(_batches(rank, steps)):
+        _train_step(model, opt, batch)
+        before = _weighted_sums(averager)
+        landing = averager.in_flight
+        averager.step()
+        after = _weighted_sums(averager)
+        assert abs(after[2] - 1.0) < 1e-12
+        if (t + 1) % every:  # no outer step here: only gossip moved (a pairing landing K steps late)
+            worst = max(worst, float((after[0] - before[0]).abs().max()), float((after[1] - before[1]).abs().max()))
+            mixes += landing
+    averager.finish()
+    return worst, mixes
+
+
+def test_stale_pairings_conserve_the_weighted_models_and_slow_weights():
+    """staleness=2: each pairing is mixed in two steps after the outer step that posted it, into a model that has
+    trained on since; the sum-weight mix into both model and slow weights leaves both weighted sums unchanged."""
+    for worst, mixes in run_distributed(_stale_pairings_conserve, 4, 4, 2, 18):
+        assert mixes >= 3 and worst < 1e-5, (worst, mixes)

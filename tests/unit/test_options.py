@@ -86,8 +86,7 @@ def test_schedule_seed_falls_back_only_when_unset():
         ({"outer_momentum": 1.0}, ValueError, r"outer_momentum must be a number in \[0, 1\), got 1.0"),
         ({"outer_momentum": -0.1}, ValueError, r"outer_momentum must be a number in \[0, 1\), got -0.1"),
         ({"outer_nesterov": "false"}, TypeError, "outer_nesterov must be True or False, got 'false'"),
-        ({"outer_every": 8, "overlap": True}, ValueError, "needs blocking exchanges"),
-        ({"outer_every": 8, "staleness": 2}, ValueError, "needs blocking exchanges"),
+        ({"outer_every": 8, "asynchronous": True}, ValueError, "not available in the asynchronous mode yet"),
     ],
 )
 def test_outer_option_errors_name_the_value_and_range(kwargs, error, match):
@@ -100,3 +99,4 @@ def test_outer_options_are_held_resolved():
     assert (options.outer_every, options.outer_lr, options.outer_momentum, options.outer_nesterov) == (16, 1.0, 0.0,
                                                                                                       False)
     assert isinstance(options.outer_lr, float) and options.replace(outer_every=None).outer_every is None
+    assert GossipOptions(outer_every=8, overlap=True).staleness == 1  # pairings may land later (docs/outer.md)
