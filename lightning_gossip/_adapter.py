@@ -1,19 +1,284 @@
-"""What the Trainer strategy and the Fabric strategy share beyond the core: read-outs of the averager, the
-checkpoint key, and the process group's end at exit. Plain Python, no Lightning import, so both adapters (and their
-standalone renamings) use it as is."""
+"""The adapter core: what the Trainer strategy and the Fabric strategy share, so each holds only what is its own.
+
+One gossip run seen from a Lightning adapter: building the averager (the seed, resuming a saved run onto the same or
+another number of workers), naming lost ranks around collectives, swapping the consensus in for evaluation, and one
+checkpoint format (a main file holding the consensus model, written by rank 0, and one part per rank beside it,
+written by that rank, so rank 0's bytes do not grow with the number of workers). Plain torch.distributed and the
+gossip core, no Lightning import, so both adapters (and their standalone renamings) use it as it is.
+"""
 
 from __future__ import annotations
 
 import atexit
-from contextlib import suppress
-from typing import Optional
+import os
+import socket
+import uuid
+import warnings
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
-from lightning_gossip.gossip import GossipAverager, GossipCounters
+from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
+from lightning_gossip.gossip.averager import ExchangeFactory
+from lightning_gossip.gossip.errors import GossipPeerError, collective_guard, peer_lost_error
 
 # where a checkpoint keeps the gossip state (per-rank parts, or every rank's state)
 CHECKPOINT_KEY = "gossip"
+
+
+def global_seed() -> int:
+    """Lightning's global seed (``seed_everything`` sets ``PL_GLOBAL_SEED`` in every process), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+@dataclass
+class ResumePlan:
+    """How a rank's gossip state comes back from a checkpoint.
+
+    Same number of workers: ``own`` is this rank's saved gossip state (weight, schedule position, messages in flight,
+    counters), loaded as it is, so training goes on exactly. Another number of workers: per-rank states cannot be
+    mapped onto other ranks, so every rank starts from the checkpoint's consensus model with gossip weight 1/M' and
+    the schedule going on from the saved ``step``.
+    """
+
+    own: Optional[Mapping[str, Any]] = None
+    step: Optional[int] = None
+
+    def apply(self, averager: GossipAverager) -> None:
+        if self.own is not None:
+            averager.load_state_dict(dict(self.own))
+        else:
+            averager.state.weight = 1.0 / averager.world_size
+            if self.step is not None:
+                averager.continue_schedule_at(self.step)
+
+    @staticmethod
+    def warn_other_world_size(saved: int, world_size: int, step: int) -> None:
+        """The warning of a resume onto another number of workers (rank 0 only)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            warnings.warn(
+                f"Resuming a gossip checkpoint written by {saved} workers with {world_size} workers: per-rank states "
+                f"cannot be mapped onto a different number of workers, so every rank starts from the checkpoint's "
+                f"consensus model (the exact weighted average of the {saved} workers, in-flight messages included) "
+                f"with gossip weight 1/{world_size}, the optimizer state of the old rank 0 and gossip counters at "
+                f"zero; the gossip schedule goes on from step {step}.",
+                stacklevel=3,
+            )
+
+
+class AdapterCore:
+    """One gossip run of a Lightning adapter (Trainer or Fabric strategy), whatever the mode.
+
+    Args:
+        options: the checked gossip options (``seed=None`` takes Lightning's global seed at setup).
+        exchange_factory: replaces the mode's exchange (see ``GossipAverager(exchange=...)``), or None.
+    """
+
+    def __init__(self, options: GossipOptions, exchange_factory: Optional[ExchangeFactory] = None) -> None:
+        self.options = options
+        self.exchange_factory = exchange_factory
+        self.averager: Optional[GossipAverager] = None
+        self._resume: Optional[ResumePlan] = None
+        self._eval_stack: Optional[ExitStack] = None
+        self._processes: list[tuple[str, int]] = []
+
+    # -- the averager -------------------------------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        """The gossip seed, else Lightning's global seed, else 0 (it also seeds the asynchronous data sharing)."""
+        return self.options.schedule_seed(fallback=global_seed())
+
+    def build_averager(self, module: nn.Module) -> GossipAverager:
+        """Set up the averager for ``module`` (a collective): rank 0's weights broadcast, a_i = 1/M, unless a resume
+        was planned (:meth:`resume`), whose state is loaded instead."""
+        plan, self._resume = self._resume, None
+        # Resuming one's own state: every rank loaded its own weights; broadcasting would erase them.
+        self.averager = GossipAverager(
+            module,
+            self.options.replace(seed=self.seed),
+            exchange=self.exchange_factory,
+            broadcast=plan is None or plan.own is None,
+        )
+        if plan is not None:
+            plan.apply(self.averager)
+        self._register_processes()
+        return self.averager
+
+    def resume(self, plan: ResumePlan) -> None:
+        """Apply ``plan`` now if the averager exists (Fabric loads after setup), else when it is built (the
+        Trainer restores the model before its strategy sets up)."""
+        if self.averager is not None:
+            plan.apply(self.averager)
+        else:
+            self._resume = plan
+
+    def gossiping(self) -> bool:
+        return self.averager is not None and self.averager.world_size > 1 and dist.is_initialized()
+
+    def abort(self) -> None:
+        """After an exception: give back what the exchange holds without any collective (peers may be gone)."""
+        if self.averager is not None:
+            self.averager.exchange.abort()
+
+    # -- naming a lost rank -------------------------------------------------------------------------------------
+    def _register_processes(self) -> None:
+        """Every rank's (host, pid), gathered once at setup: a failed collective can then name the ranks that are
+        gone (on this host) instead of "one of ranks 1, 2, 3"."""
+        self._processes = []
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        everyone: list[Any] = [None] * dist.get_world_size()
+        with collective_guard("the exchange of every rank's process id at setup"):
+            dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
+        self._processes = [(str(host), int(pid)) for host, pid in everyone]
+
+    def gone_ranks(self) -> list[int]:
+        from lightning_gossip.checkpoint_io import _process_alive as process_alive
+
+        host = socket.gethostname()
+        me = dist.get_rank() if dist.is_initialized() else 0
+        return [rank for rank, (rank_host, pid) in enumerate(self._processes)
+                if rank != me and rank_host == host and not process_alive(pid)]
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """Around a collective of the adapter: post it on the step board (a peer waiting for a gossip message can
+        then tell this rank left training), and turn a failure into a :class:`GossipPeerError` that names the ranks
+        whose processes are gone, where this rank can see them (same host)."""
+        if self.averager is not None:
+            self.averager.enter_collective(what)
+        try:
+            with collective_guard(what):
+                yield
+        except GossipPeerError as error:
+            gone = self.gone_ranks()
+            if not gone or set(error.peers) == set(gone):
+                raise
+            # chained to the backend's error, not to the vaguer one ("one of ranks ...") it replaces
+            cause = error.__cause__ or error
+            me = dist.get_rank() if dist.is_initialized() else 0
+            raise peer_lost_error(me, gone, what, cause) from cause
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def enter_consensus(self) -> None:
+        """Swap the exact consensus in for evaluation (``eval_mode="consensus"``); a collective. Idempotent."""
+        if self.options.eval_mode != "consensus" or not self.gossiping() or self._eval_stack is not None:
+            return
+        assert self.averager is not None
+        stack = ExitStack()
+        with self.collective("the consensus for evaluation"):
+            stack.enter_context(self.averager.consensus_swapped_in())
+        self._eval_stack = stack
+
+    def leave_consensus(self, failed: bool = False) -> None:
+        """Put this rank's own weights back (and, with ``verify``, check the consensus did not move: a collective).
+
+        ``failed``: an evaluation raised, so other ranks may be elsewhere: restore without any collective.
+        """
+        if self._eval_stack is None:
+            return
+        stack, self._eval_stack = self._eval_stack, None
+        if failed:
+            error = RuntimeError("evaluation failed")
+            with suppress(BaseException):
+                stack.__exit__(type(error), error, None)  # the averager restores, skips its check, re-raises
+            return
+        with self.collective("the end of an evaluation on the consensus"):
+            stack.close()
+
+    @property
+    def evaluating_consensus(self) -> bool:
+        return self._eval_stack is not None
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Hold the model ``eval_mode`` names (the consensus, or this rank's own) for the duration."""
+        self.enter_consensus()
+        try:
+            yield
+        except BaseException:
+            self.leave_consensus(failed=True)
+            raise
+        self.leave_consensus()
+
+    def consensus_swapped_in(self) -> AbstractContextManager:
+        """The exact consensus in place for the duration (a collective), or nothing when not gossiping."""
+        if not self.gossiping():
+            return nullcontext()
+        assert self.averager is not None
+        return self.averager.consensus_swapped_in()
+
+    # -- checkpoints: one format ---------------------------------------------------------------------------------
+    def own_gossip_state(self) -> dict[str, Any]:
+        """This rank's gossip state at a consistent cut (first: asynchronous messages on the wire come home, so the
+        weights read after this and the gossip weights of all ranks sum to the whole mass)."""
+        assert self.averager is not None
+        with self.collective("a checkpoint's consistent cut"):
+            return self.averager.checkpoint_state_dict()
+
+    def save(
+        self,
+        path: str,
+        own: Mapping[str, Any],
+        write_part: Callable[[Mapping[str, Any], str], None],
+        write_main: Callable[[dict[str, Any]], None],
+        remove_old_parts: Optional[Callable[[str, str], None]] = None,
+    ) -> None:
+        """Write a gossip checkpoint: every rank its part ``own`` (``write_part(own, part_path)``), then rank 0 the
+        main file (``write_main(entry)``, ``entry`` naming the parts, to store under :data:`CHECKPOINT_KEY`), then
+        rank 0 removes the parts of earlier saves. A collective: every rank must call it with the same ``path``.
+
+        A fresh save id per save names the parts' folder and is recorded in the main file, which is replaced last,
+        so a crash at any moment leaves the previous checkpoint complete. Assumes, as Lightning's resume does, that
+        every rank sees the folder.
+        """
+        from lightning_gossip.checkpoint_io import part_path, parts_root
+
+        assert self.averager is not None
+        save_id = self._fresh_save_id()
+        relative = os.path.join(os.path.basename(parts_root(path)), save_id)
+        write_part(own, part_path(path, relative, dist.get_rank()))
+        with self.collective("the barrier after every rank wrote its checkpoint part"):
+            dist.barrier()  # every part is on disk before the main file names them
+        if dist.get_rank() == 0:
+            write_main({"world_size": self.averager.world_size, "step": self.averager.step_count,
+                        "parts": relative, "save_id": save_id})
+            if remove_old_parts is not None:
+                remove_old_parts(path, save_id)
+
+    def _fresh_save_id(self) -> str:
+        """A random id from rank 0, the same on every rank (not from torch's generator: training stays bitwise
+        the same with or without saving)."""
+        assert self.averager is not None
+        device = self.averager.state.device
+        code = torch.tensor(list(uuid.uuid4().bytes) if dist.get_rank() == 0 else [0] * 16, dtype=torch.uint8,
+                            device=device)
+        with self.collective("the broadcast of a checkpoint's save id"):
+            dist.broadcast(code, src=0)
+        return bytes(code.cpu().tolist()).hex()
+
+    def plan_resume(self, entry: Mapping[str, Any], own_part: Optional[Mapping[str, Any]], world_size: int,
+                    ) -> ResumePlan:
+        """The resume plan of a checkpoint's gossip ``entry``: this rank's part's gossip state with the same number
+        of workers, the consensus (and a warning) with another."""
+        if entry["world_size"] == world_size:
+            assert own_part is not None, "a resume onto the same number of workers needs this rank's part"
+            return ResumePlan(own=own_part[CHECKPOINT_KEY])
+        step = saved_step(entry)
+        ResumePlan.warn_other_world_size(int(entry["world_size"]), world_size, step)
+        return ResumePlan(step=step)
+
+
+def saved_step(entry: Mapping[str, Any]) -> int:
+    """The schedule position a checkpoint's gossip entry was saved at (checkpoints from before per-rank parts kept
+    it in every rank's state)."""
+    if "step" in entry:
+        return int(entry["step"])
+    return int(entry["ranks"][0][CHECKPOINT_KEY]["step"])
 
 
 class AveragerReadouts:

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_gossip._lightning_compat import last_batch_of_epoch
 from lightning_gossip.gossip import GossipAverager
 
 
@@ -43,15 +44,10 @@ class GossipMonitor(Callback):
             "gossip/messages_rejected": float(counters.messages_rejected),
             "gossip/sends_skipped": float(counters.sends_skipped),
         }
-        if self.log_consensus_distance and averager.world_size > 1 and self._last_batch_of_epoch(trainer, batch_idx):
+        if self.log_consensus_distance and averager.world_size > 1 and last_batch_of_epoch(trainer):
             # A collective, run here on every rank at the same step. Not in on_train_epoch_end: there Lightning's
             # progress bar computes epoch metrics (e.g. torchmetrics syncs) on rank 0 only, and two collectives in
             # different orders on different ranks deadlock. The value is already global, so it is logged as a step
             # value, with no epoch-level reduction.
             metrics["gossip/consensus_distance"] = averager.consensus_distance()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-
-    @staticmethod
-    def _last_batch_of_epoch(trainer: "pl.Trainer", batch_idx: int) -> bool:
-        # Every rank has a shard of the same length, so this is decided identically everywhere.
-        return bool(trainer.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches

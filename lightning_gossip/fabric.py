@@ -10,21 +10,23 @@ samplers, collectives) and never wraps the model in ``DistributedDataParallel``.
   a_i = 1/M);
 - ``optimizer.step()`` -> :meth:`optimizer_step`: the optimizer step, then the gossip step;
 - ``fabric.save`` / ``fabric.load`` -> :meth:`save_checkpoint` / :meth:`load_checkpoint`: the saved model entry is the
-  consensus (loadable without gossip); every rank's own weights, optimizer state and gossip state ride along, so a
-  resume with the same number of processes is exact.
+  consensus (loadable without gossip); every rank writes its own weights, optimizer state and gossip state as a
+  part beside the file (the Trainer strategy's format), so a resume with the same number of processes is exact and
+  rank 0's bytes do not grow with the number of processes.
 
+What both adapters share (building the averager, the resume plan, the evaluation swap, the checkpoint format) is in
+:mod:`lightning_gossip._adapter`; what differs between the modes (work sharing) in :mod:`lightning_gossip.modes`.
 This module imports only ``lightning.fabric`` (it is imported when Fabric is, to register the strategy names).
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -32,16 +34,21 @@ from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
+from lightning_gossip._adapter import (
+    CHECKPOINT_KEY,
+    AdapterCore,
+    AveragerReadouts,
+    destroy_process_group_at_exit,
+)
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
-from lightning_gossip.gossip.errors import collective_guard
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
-
+from lightning_gossip.modes import LockStep, mode_for
 
 
 class _NothingToSkip:
@@ -58,7 +65,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
     ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
     ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``outer_every``, ``outer_lr``, ``outer_momentum``,
-    ``outer_nesterov``; see the README's option table), checked once by
+    ``outer_nesterov``, ``verify``; see the README's option table), checked once by
     :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
     (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
     per-step SIGTERM broadcast.
@@ -92,6 +99,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
+        verify: Optional[bool] = None,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -119,6 +127,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             outer_lr=outer_lr,
             outer_momentum=outer_momentum,
             outer_nesterov=outer_nesterov,
+            verify=verify,
         )
         check_timeout(timeout)
         super().__init__(
@@ -132,8 +141,14 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             start_method=start_method,
         )
         self._backward_sync_control = _NothingToSkip()
-        self.averager: Optional[GossipAverager] = None
+        self.core = AdapterCore(self.options, self.exchange_factory)
+        self.mode: LockStep = mode_for(self.options)
         self._optimizers: list[Optimizer] = []
+
+    @property
+    def averager(self) -> Optional[GossipAverager]:
+        """The :class:`~lightning_gossip.gossip.GossipAverager` (``None`` before ``fabric.setup(model, ...)``)."""
+        return self.core.averager
 
     # -- launching and setup --------------------------------------------------------------------------------------
     @override
@@ -166,8 +181,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                 f"({type(self.averager.module).__name__}); set up the model to train once with fabric.setup(model, "
                 "optimizer)."
             )
-        seed = self.options.schedule_seed(fallback=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        self.averager = GossipAverager(module, self.options.replace(seed=seed), exchange=self.exchange_factory)
+        self.core.build_averager(module)
         return module
 
     @override
@@ -179,6 +193,21 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             )
         self._optimizers = [optimizer]
         return optimizer
+
+    def share_work(self, dataloader: DataLoader) -> DataLoader:
+        """The training ``dataloader`` shared out dynamically between the ranks (asynchronous mode only): fast ranks
+        take more batches, every sample is used exactly once per epoch over all ranks. Pass the result to
+        ``fabric.setup_dataloaders(...)``; the loop then ends an epoch when the shared data runs out (the loader has
+        no length), so nothing in the epoch may need every rank at the same step.
+        """
+        return self.mode.share_work(dataloader, self.core.seed, self.world_size)
+
+    @override
+    def process_dataloader(self, dataloader: DataLoader) -> DataLoader:
+        dataloader = super().process_dataloader(dataloader)
+        # A work-sharing loader (share_work) that Fabric wrapped in its distributed sampler is unwrapped again.
+        return self.mode.training_dataloader(dataloader, self.core.seed, self.world_size) \
+            if _shares_work(dataloader) else dataloader
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -193,33 +222,33 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
 
         A collective: every rank must call it.
         """
-        return self._require_averager("consensus_()").consensus_()
+        averager = self._require_averager("consensus_()")
+        with self.core.collective("consensus_()"):
+            return averager.consensus_()
 
     def consensus_distance(self) -> float:
         """(1/M) sum_i ||x_i - x_bar||^2 over all ranks (a collective)."""
-        return self._require_averager("consensus_distance()").consensus_distance()
+        averager = self._require_averager("consensus_distance()")
+        with self.core.collective("consensus_distance()"):
+            return averager.consensus_distance()
 
     def consensus_swapped_in(self) -> AbstractContextManager:
         """Hold the exact consensus temporarily (to evaluate or save it), then this rank's own weights again."""
         return self._require_averager("consensus_swapped_in()").consensus_swapped_in()
 
-    @contextmanager
-    def evaluating(self) -> Iterator[None]:
+    def evaluating(self) -> AbstractContextManager:
         """Evaluate the model ``eval_mode`` names: the exact consensus (``"consensus"``) or this rank's own
         (``"local"``). A collective in consensus mode: every rank must enter it."""
-        if self.options.eval_mode == "consensus" and self.averager is not None and self.world_size > 1:
-            with self.averager.consensus_swapped_in():
-                yield
-        else:
-            yield
+        return self.core.evaluating()
 
     def end(self, consensus: Optional[bool] = None) -> None:
-        """After the loop: check that every rank took as many steps, bring every message home, put the exact
-        consensus on every rank (``consensus``, default ``final_consensus``) and release message buffers.
-
-        A collective: every rank must call it.
+        """After the loop: check that every rank took as many steps (lock-step), bring every message home, put the
+        exact consensus on every rank (``consensus``, default ``final_consensus``) and release message buffers and
+        threads. A collective: every rank must call it.
         """
-        self._require_averager("end()").end(consensus)
+        averager = self._require_averager("end()")
+        with self.core.collective("end() (step-count check, messages home, final consensus)"):
+            averager.end(consensus)
 
     def _require_averager(self, what: str) -> GossipAverager:
         if self.averager is None:
@@ -227,16 +256,26 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                                "fabric.setup(model, optimizer).")
         return self.averager
 
-    def _gossiping(self) -> bool:
-        return self.averager is not None and self.world_size > 1 and dist.is_initialized()
+    # -- collectives through Fabric: posted on the step board, a lost rank named -----------------------------------
+    @override
+    def all_reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        with self.core.collective("fabric.all_reduce"):
+            return super().all_reduce(tensor, group=group, reduce_op=reduce_op)
 
-    def _is_gossiped(self, obj: Any) -> bool:
-        if self.averager is None or not isinstance(obj, nn.Module):
-            return False
-        if obj is self.averager.module:
-            return True
-        mine = next(iter(self.averager.module.parameters()), None)
-        return mine is not None and any(p is mine for p in obj.parameters())
+    @override
+    def all_gather(self, tensor: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
+        with self.core.collective("fabric.all_gather"):
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self.core.collective(f"fabric.broadcast from rank {src}"):
+            return super().broadcast(obj, src=src)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self.core.collective("fabric.barrier"):
+            super().barrier(*args, **kwargs)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property  # type: ignore[override]
@@ -261,39 +300,49 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         storage_options: Optional[Any] = None,
         filter: Optional[dict[str, Callable[[str, Any], bool]]] = None,
     ) -> None:
-        """Save the consensus under the model's key, and every rank's own state under ``"gossip"``.
+        """Save the consensus under the model's key, and every rank's own state as a part beside the file.
 
         The model's entry is the exact weighted average of all ranks (messages in flight counted), so the file
-        loads into a plain model without gossip. ``checkpoint["gossip"]`` holds, for every rank, its own model and
-        optimizer entries and its gossip state (weight, schedule position, messages in flight), gathered on rank 0,
-        which writes the file. A collective: every rank must call it (``fabric.save`` does).
+        loads into a plain model without gossip. Every rank writes its own model and optimizer entries and gossip
+        state (weight, schedule position, messages in flight) to ``<path>.parts/<save id>/rank<r>.pt``; the file,
+        written last by rank 0, names them under ``"gossip"``. A collective: every rank must call it with the same
+        path (``fabric.save`` does), on a filesystem every rank sees.
         """
-        if not self._gossiping():
+        if not self.core.gossiping():
             super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
             return
-        assert self.averager is not None
         if CHECKPOINT_KEY in state:
-            raise ValueError(f"GossipFabricStrategy stores every rank's state under {CHECKPOINT_KEY!r} in the "
+            raise ValueError(f"GossipFabricStrategy stores the gossip state under {CHECKPOINT_KEY!r} in the "
                              "checkpoint; use another key for your own entry.")
+        from lightning_gossip.checkpoint_io import remove_old_parts
+
         filter = filter or {}
         # First: in asynchronous mode this brings the messages on the wire home, so the weights read below and the
         # gossip weights are one consistent cut (their mass sums to one).
-        mine: dict[str, Any] = {CHECKPOINT_KEY: self.averager.checkpoint_state_dict()}
+        mine: dict[str, Any] = {CHECKPOINT_KEY: self.core.own_gossip_state()}
         for key, obj in state.items():
             if isinstance(obj, nn.Module):
                 keep = filter.get(key, lambda name, value: True)
                 mine[key] = {k: v.detach().cpu().clone() for k, v in obj.state_dict().items() if keep(k, v)}
             elif isinstance(obj, Optimizer):
                 mine[key] = self.get_optimizer_state(obj)
-        everyone: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
-        with collective_guard("the gather of every rank's state for a checkpoint"):
-            dist.gather_object(mine, everyone, dst=0)
-        if self.is_global_zero:
-            state = {**state, CHECKPOINT_KEY: {"world_size": self.world_size, "ranks": everyone}}
-        # The model's entry: the consensus, in place while Fabric turns the model into its state dict and rank 0
-        # writes the file; then every rank's own weights come back.
-        with self.averager.consensus_swapped_in():
-            super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+        path = os.fspath(path)
+
+        def write_main(entry: dict[str, Any]) -> None:
+            # The model's entry: the consensus, in place while Fabric turns the model into its state dict.
+            self.checkpoint_io.save_checkpoint(
+                {**self._convert_stateful_objects_in_state(state, filter), CHECKPOINT_KEY: entry}, path,
+                storage_options=storage_options,
+            )
+
+        with self.core.consensus_swapped_in():
+            self.core.save(
+                path,
+                mine,
+                write_part=lambda own, part: self.checkpoint_io.save_checkpoint(dict(own), part),
+                write_main=write_main,
+                remove_old_parts=remove_old_parts if _is_local(path) else None,
+            )
 
     @override
     def load_checkpoint(
@@ -316,29 +365,28 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         extra = {} if weights_only is None else {"weights_only": weights_only}
         if not isinstance(state, dict) or not state or self.averager is None:
             return super().load_checkpoint(path, state=state, strict=strict, **extra)
+        from lightning_gossip.checkpoint_io import check_checkpoint_fits, part_path
+
         checkpoint = self.checkpoint_io.load_checkpoint(path, **extra)
-        gossip = checkpoint.pop(CHECKPOINT_KEY, None)
-        resume: Optional[dict[str, Any]] = None
-        if gossip is not None and gossip["world_size"] == self.world_size:
-            mine = gossip["ranks"][self.global_rank]
-            resume = mine[CHECKPOINT_KEY]
-            checkpoint.update({key: value for key, value in mine.items() if key != CHECKPOINT_KEY})
-        elif gossip is not None:
-            step = int(gossip["ranks"][0][CHECKPOINT_KEY]["step"])
-            rank_zero_warn(
-                f"Resuming a gossip checkpoint written by {gossip['world_size']} processes with {self.world_size}: "
-                "per-rank states cannot be mapped onto a different number of processes, so every rank starts from the "
-                f"checkpoint's consensus model with gossip weight 1/{self.world_size} and the optimizer state of the "
-                f"old rank 0; the gossip schedule goes on from step {step}."
-            )
+        entry = checkpoint.pop(CHECKPOINT_KEY, None)
+        plan = None
+        if entry is not None:
+            own = None
+            if entry["world_size"] == self.world_size:
+                if "parts" in entry:
+                    own = self.checkpoint_io.load_checkpoint(
+                        part_path(os.fspath(path), entry["parts"], self.global_rank), **extra
+                    )
+                else:  # written before per-rank parts: every rank's state in the file
+                    own = entry["ranks"][self.global_rank]
+                checkpoint.update({key: value for key, value in own.items() if key != CHECKPOINT_KEY})
+            plan = self.core.plan_resume(entry, own, self.world_size)
         missing = [key for key in state if key not in checkpoint]
         if strict and missing:
             raise KeyError(
                 f"The requested state contains keys {missing} that are not in the checkpoint {path!s} "
                 f"(it has {sorted(checkpoint)}); pass strict=False to skip them."
             )
-        from lightning_gossip.checkpoint_io import check_checkpoint_fits
-
         for key, obj in list(state.items()):
             if key not in checkpoint:
                 continue
@@ -349,15 +397,13 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                 obj.load_state_dict(checkpoint.pop(key))
             else:
                 state[key] = checkpoint.pop(key)
-        if resume is not None:
-            self.averager.load_state_dict(resume)
-        elif gossip is not None:
-            self.averager.state.weight = 1.0 / self.world_size
-            self.averager.continue_schedule_at(int(gossip["ranks"][0][CHECKPOINT_KEY]["step"]))
+        if plan is not None:
+            self.core.resume(plan)
         return checkpoint
 
     @override
     def teardown(self) -> None:
+        self.core.leave_consensus(failed=True)
         if self.averager is not None:
             self.averager.exchange.close()
         super().teardown()
@@ -365,9 +411,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        entries = [("gossip", "popen", {}), ("gossip_spawn", "spawn", {}), ("gossip_fork", "fork", {})]
-        if _asynchronous_mode_exists():
-            entries.append(("gossip_async", "popen", {"asynchronous": True}))
+        entries = [("gossip", "popen", {}), ("gossip_spawn", "spawn", {}), ("gossip_fork", "fork", {}),
+                   ("gossip_async", "popen", {"asynchronous": True})]
         for name, start_method, extra in entries:
             strategy_registry.register(
                 name,
@@ -380,10 +425,17 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         strategy_registry.register("gossip_outer", cls, description=OUTER_DESCRIPTION, **RECOMMENDED_OUTER)
 
 
-def _asynchronous_mode_exists() -> bool:
-    import importlib.util
+def _shares_work(dataloader: Any) -> bool:
+    from lightning_gossip.gossip.work_sharing import WorkSharingSampler
 
-    return importlib.util.find_spec("lightning_gossip.gossip.async_exchange") is not None
+    sampler = getattr(dataloader, "sampler", None)
+    return isinstance(getattr(sampler, "dataset", None), WorkSharingSampler)
+
+
+def _is_local(path: str) -> bool:
+    from lightning_gossip._lightning_compat import _is_local_file_protocol
+
+    return _is_local_file_protocol(path)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.

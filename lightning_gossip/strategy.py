@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
-import uuid
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Union
 
@@ -31,30 +29,33 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning_gossip import async_support
-from lightning_gossip.callbacks import GossipMonitor
+from lightning_gossip._adapter import (
+    CHECKPOINT_KEY,
+    AdapterCore,
+    AveragerReadouts,
+    destroy_process_group_at_exit,
+)
 from lightning_gossip._lightning_compat import (
     _is_local_file_protocol,
     make_sigterm_handler_local,
-    throttle_sigterm_broadcast,
+    uses_distributed_sampler,
 )
+from lightning_gossip.callbacks import GossipMonitor
 from lightning_gossip.checkpoint_io import (
     AtomicCheckpointIO,
-    _process_alive,
     check_checkpoint_fits,
     part_path,
     parts_root,
     remove_old_parts,
 )
-from lightning_gossip._adapter import CHECKPOINT_KEY, AveragerReadouts, destroy_process_group_at_exit
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
-from lightning_gossip.gossip.errors import GossipPeerError, GossipScheduleError, collective_guard, peer_lost_error
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
 from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
+from lightning_gossip.trainer_modes import TrainerLockStep, trainer_mode_for
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,12 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
-        outer_every: the outer optimizer (docs/outer.md): every this many steps the ranks pair up at random, each
-            pair averages its models and every rank takes a Nesterov outer step (``outer_lr``, ``outer_momentum``,
-            ``outer_nesterov``) from its slow weights, as DiLoCo does with an all-reduce. ``None``: off. The
-            registered name ``"gossip_outer"`` has the recommended settings.
+        outer_every: the outer optimizer (docs/outer.md): every this many steps every rank takes a Nesterov outer
+            step (``outer_lr``, ``outer_momentum``, ``outer_nesterov``) from its slow weights, as DiLoCo does, then
+            the ranks pair up at random and each pair averages its new slow weights (no all-reduce). ``None``: off.
+            The registered name ``"gossip_outer"`` has the recommended settings.
+        verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
+            consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -135,6 +138,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
+        verify: Optional[bool] = None,
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -164,6 +168,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             outer_lr=outer_lr,
             outer_momentum=outer_momentum,
             outer_nesterov=outer_nesterov,
+            verify=verify,
         )
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
@@ -178,12 +183,15 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             timeout=timeout,
             start_method=start_method,
         )
-        self.averager: Optional[GossipAverager] = None
-        self._resume_state: Optional[dict[str, Any]] = None
-        self._resume_step: Optional[int] = None  # resuming onto a different number of workers: the schedule position
-        self._eval_stack: Optional[ExitStack] = None
+        self.core = AdapterCore(self.options, self.exchange_factory)
+        self.mode: TrainerLockStep = trainer_mode_for(self.options)
 
     # -- read-outs ------------------------------------------------------------------------------------------------
+    @property
+    def averager(self) -> Optional[GossipAverager]:
+        """The :class:`~lightning_gossip.gossip.GossipAverager` of the current fit (``None`` before setup)."""
+        return self.core.averager
+
     @property
     def p(self) -> float:
         return self.options.p
@@ -217,8 +225,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
 
     def _check_before_launch(self, trainer: Optional["pl.Trainer"]) -> None:
         """Checks that need the model but no process group, run before any worker process is started."""
-        if self.options.asynchronous and trainer is not None and self._fitting(trainer):
-            async_support.check_trainer(trainer)
+        if trainer is not None and self._fitting(trainer):
+            self.mode.check_before_launch(trainer)
         module = trainer.lightning_module if trainer is not None else None
         if module is None or trainer.state.fn != TrainerFn.FITTING or is_overridden("configure_model", module):
             return  # a model built in `configure_model` only gets its tensors after the launch
@@ -227,9 +235,9 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
 
     def _consensus_for_results(self, trainer: "pl.Trainer") -> AbstractContextManager:
         """The spawn launcher hands rank 0's module back to the parent: make that the consensus model."""
-        if self.averager is None or self.world_size == 1 or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
             return nullcontext()
-        return self.averager.consensus_swapped_in()
+        return self.core.consensus_swapped_in()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -239,8 +247,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         error); without this, the workers of a failed launcher would wait for it until the process-group timeout.
         """
         super().on_exception(exception)
-        if self.options.asynchronous and self.averager is not None:
-            self.averager.exchange.close(clean=False)  # other ranks may be gone: no collective, daemon threads stay
+        self.core.leave_consensus(failed=True)
+        self.core.abort()  # other ranks may be gone: no collective (asynchronous: its daemon threads stay)
         if isinstance(self._launcher, GossipSubprocessScriptLauncher):
             self._launcher.stop_children()
 
@@ -262,12 +270,13 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
     def setup(self, trainer: "pl.Trainer") -> None:
         # Evaluating after this process already trained: each rank keeps the model gossip left it with (eval_mode
         # decides what is evaluated), but DDPStrategy.setup broadcasts rank 0's weights when not fitting.
-        kept = self.averager.state.flatten() if self.averager is not None and not self._fitting(trainer) else None
+        averager = self.averager
+        kept = averager.state.flatten() if averager is not None and not self._fitting(trainer) else None
         super().setup(trainer)
         if kept is not None:
-            assert self.averager is not None
-            self.averager.refresh_tensors()  # model_to_device may have replaced buffer tensors
-            self.averager.state.load_flat(kept)
+            assert averager is not None
+            averager.refresh_tensors()  # model_to_device may have replaced buffer tensors
+            averager.state.load_flat(kept)
         if self.monitor and not any(isinstance(cb, GossipMonitor) for cb in trainer.callbacks):
             trainer.callbacks.append(GossipMonitor())
 
@@ -280,67 +289,36 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         """Where DDP wraps the model in ``DistributedDataParallel`` (its gradient all-reduce), gossip sets up the
         averager and leaves the model as it is."""
         assert self.lightning_module is not None
-        resume, self._resume_state = self._resume_state, None
-        seed = self.options.schedule_seed(fallback=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        # Resuming: every rank loaded its own weights from the checkpoint; broadcasting would erase them.
-        self.averager = GossipAverager(
-            self.lightning_module,
-            self.options.replace(seed=seed),
-            exchange=self.exchange_factory,
-            broadcast=resume is None,
-        )
-        if resume is not None:
-            self.averager.load_state_dict(resume)
-        elif self._resume_step is not None:
-            self.averager.continue_schedule_at(self._resume_step)
-        self._resume_step = None
-        self._register_processes()
-        trainer = self.lightning_module.trainer
-        if self.options.asynchronous:
-            # Ranks take different numbers of steps: no per-step broadcast, a stop flag in the store instead.
-            async_support.setup_fit(self, trainer)
-            return
-        # The gossip step count is the same on every rank before each training step, so the broadcast stays a
-        # matched collective.
-        every = self.sigterm_sync_every
-        throttle_sigterm_broadcast(trainer, lambda: every is not None and self.gossip_step % every == 0)
+        self.mode = trainer_mode_for(self.options)  # a fresh one per fit: nothing of an earlier fit carries over
+        self.core.build_averager(self.lightning_module)
+        self.mode.setup_fit(self, self.lightning_module.trainer)
 
-    # -- naming a lost rank -----------------------------------------------------------------------------------------
-    def _register_processes(self) -> None:
-        """Every rank's (host, pid), gathered once at setup: a failed collective can then name the ranks that are gone
-        (on this host) instead of "one of ranks 1, 2, 3"."""
-        self._processes: list[tuple[str, int]] = []
-        if self.world_size == 1 or not dist.is_initialized():
-            return
-        everyone: list[Any] = [None] * self.world_size
-        with collective_guard("the exchange of every rank's process id at setup"):
-            dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
-        self._processes = [(str(host), int(pid)) for host, pid in everyone]
-
-    def _gone_ranks(self) -> list[int]:
-        host = socket.gethostname()
-        return [rank for rank, (rank_host, pid) in enumerate(getattr(self, "_processes", []))
-                if rank != self.global_rank and rank_host == host and not _process_alive(pid)]
-
+    # -- collectives: posted on the step board, checked by the mode, a lost rank named -----------------------------
     @contextmanager
-    def _naming_lost_ranks(self, what: str) -> Iterator[None]:
-        """Around a collective: a failure becomes a :class:`GossipPeerError` that names the ranks whose processes are
-        gone, where this rank can see them (same host); otherwise the error is left as it is."""
-        try:
-            with collective_guard(what):
-                yield
-        except GossipPeerError as error:
-            gone = self._gone_ranks()
-            if not gone or set(error.peers) == set(gone):
-                raise
-            # chained to the backend's error, not to the vaguer one ("one of ranks ...") it replaces
-            cause = error.__cause__ or error
-            raise peer_lost_error(self.global_rank, gone, what, cause) from cause
+    def _collective(self, what: str) -> Iterator[None]:
+        self.mode.refuse_collective(what)
+        with self.core.collective(what):
+            yield
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        with self._naming_lost_ranks(f"a broadcast from rank {src} (e.g. ModelCheckpoint's decision)"):
+        with self._collective(f"a broadcast from rank {src} (e.g. ModelCheckpoint's decision)"):
             return super().broadcast(obj, src=src)
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        with self._collective("A reduction over ranks (self.log(..., sync_dist=True))"):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> torch.Tensor:
+        with self._collective("An all-gather over ranks (self.all_gather)"):
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        with self._collective(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
+            super().barrier(name)
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -358,99 +336,65 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
 
     @override
     def on_train_start(self) -> None:
-        self._check_same_batches_per_epoch()
+        assert self.lightning_module is not None
+        self.mode.on_train_start(self, self.lightning_module.trainer)
 
-    def _check_same_batches_per_epoch(self) -> None:
-        """Raise :class:`GossipScheduleError` on every rank, before the first step, if the ranks' epochs differ in
-        length (uneven shards): gossip pairs ranks by step number, and a rank whose epoch ends first would otherwise
-        wait in another collective than its peers until the process-group timeout."""
-        if self.averager is None or self.world_size == 1 or self.options.asynchronous or not dist.is_initialized():
-            return
-        trainer = self.lightning_module.trainer  # type: ignore[union-attr]
-        batches = trainer.num_training_batches
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        assert self.lightning_module is not None
+        self.mode.on_train_batch_start(self, self.lightning_module.trainer)
+
+    def batches_per_epoch_of_every_rank(self) -> Optional[list[int]]:
+        """Every rank's number of training batches per epoch (-1: unknown, an iterable), gathered; None when not
+        gossiping."""
+        if self.averager is None or self.world_size == 1 or not dist.is_initialized():
+            return None
+        batches = self.lightning_module.trainer.num_training_batches  # type: ignore[union-attr]
         mine = torch.tensor([int(batches) if math.isfinite(batches) else -1], dtype=torch.int64,
                             device=self.root_device)
         everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        with self._naming_lost_ranks("the check that every rank's epoch has as many batches"):
+        with self.core.collective("the check that every rank's epoch has as many batches"):
             dist.all_gather(everyone, mine)
-        counts = [int(t.item()) for t in everyone]
-        if len(set(counts)) > 1:
-            described = ", ".join(f"rank {r}: {'unknown (iterable)' if c < 0 else c}" for r, c in enumerate(counts))
-            raise GossipScheduleError(
-                f"Ranks would take different numbers of training batches per epoch ({described}). Gossip pairs ranks "
-                "by step number, so every rank must take the same number of steps: give every rank a shard of the "
-                "same length (Lightning's DistributedSampler pads them; keep `use_distributed_sampler=True` or shard "
-                "evenly yourself), or cap the epoch with `limit_train_batches`."
-            )
+        return [int(t.item()) for t in everyone]
 
     @override
     def on_train_end(self) -> None:
         if self.averager is not None:
-            with self._naming_lost_ranks("the end of training (drain, step-count check, final consensus)"):
+            with self.core.collective("the end of training (drain, step-count check, final consensus)"):
                 self.averager.end()
-
-    # -- asynchronous mode (issue 10): the Lightning side lives in async_support ---------------------------------
-    _in_training_step = False
 
     @override
     def process_dataloader(self, dataloader: Any) -> Any:
         dataloader = super().process_dataloader(dataloader)
-        return async_support.process_dataloader(self, dataloader) if self.options.asynchronous else dataloader
-
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.options.asynchronous:
-            return super().training_step(*args, **kwargs)
-        self._in_training_step = True  # a collective in here would pair different steps of different ranks
-        try:
-            return super().training_step(*args, **kwargs)
-        finally:
-            self._in_training_step = False
-
-    @override
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        if self._in_training_step:
-            async_support.refuse_step_collective("A reduction over ranks (self.log(..., sync_dist=True) on step)")
-        with self._naming_lost_ranks("the reduction of a logged value (sync_dist)"):
-            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training or not uses_distributed_sampler(trainer):
+            return dataloader  # evaluation data keeps equal shards; use_distributed_sampler=False: the user's
+        return self.mode.training_dataloader(dataloader, self.core.seed, self.world_size)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
-    def _enter_consensus(self) -> None:
-        if self.options.eval_mode != "consensus" or self.averager is None or self.world_size == 1:
-            return
-        if self._eval_stack is None:
-            self._eval_stack = ExitStack()
-            with self._naming_lost_ranks("the consensus for evaluation"):
-                self._eval_stack.enter_context(self.averager.consensus_swapped_in())
-
-    def _leave_consensus(self) -> None:
-        if self._eval_stack is not None:
-            stack, self._eval_stack = self._eval_stack, None
-            stack.close()
-
     @override
     def on_validation_start(self) -> None:
-        self._enter_consensus()
+        self.core.enter_consensus()
 
     @override
     def on_validation_end(self) -> None:
-        self._leave_consensus()
+        self.core.leave_consensus()
 
     @override
     def on_test_start(self) -> None:
-        self._enter_consensus()
+        self.core.enter_consensus()
 
     @override
     def on_test_end(self) -> None:
-        self._leave_consensus()
+        self.core.leave_consensus()
 
     @override
     def on_predict_start(self) -> None:
-        self._enter_consensus()
+        self.core.enter_consensus()
 
     @override
     def on_predict_end(self) -> None:
-        self._leave_consensus()
+        self.core.leave_consensus()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property  # type: ignore[override]
@@ -472,9 +416,9 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         Runs on every rank when a checkpoint is saved, so the collective inside is matched.
         """
         assert self.lightning_module is not None
-        if self.averager is None or self.world_size == 1 or not dist.is_initialized():
+        if not self.core.gossiping():
             return self.lightning_module.state_dict()
-        with self._naming_lost_ranks("the consensus for a checkpoint"), self.averager.consensus_swapped_in():
+        with self.core.collective("the consensus for a checkpoint"), self.core.consensus_swapped_in():
             return {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
 
     @override
@@ -483,56 +427,37 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
     ) -> None:
         """Every rank writes its own part (weights, optimizer state, gossip weight, schedule position, messages in
         flight) beside the main file; then rank 0 writes the main file, a plain Lightning checkpoint of the consensus
-        model that names the parts.
-
-        What rank 0 holds and writes does not grow with the number of workers. The parts go to
-        ``<file>.parts/<save id>/rank<r>.pt`` with a fresh id per save, recorded in the main file, which is replaced
-        last (atomically): a crash at any moment leaves the previous checkpoint complete, parts included. The parts
-        of earlier saves are removed after. Assumes, as Lightning's resume does, that every rank sees the folder.
-        """
-        if self.averager is None or self.world_size == 1 or not dist.is_initialized():
+        model that names the parts (see :meth:`AdapterCore.save`)."""
+        if not self.core.gossiping():
             super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
         assert self.lightning_module is not None
-        # Saved during evaluation (ModelCheckpoint(save_on_train_epoch_end=False), val_check_interval < 1, ...): the
-        # consensus is swapped in; store each rank's own weights, not the consensus.
-        swapped = self._eval_stack is not None
-        self._leave_consensus()
+        # Saved during evaluation (ModelCheckpoint(save_on_train_epoch_end=False), ...): the consensus is swapped
+        # in; store each rank's own weights, not the consensus.
+        swapped = self.core.evaluating_consensus
+        self.core.leave_consensus()
         try:
-            gossip = self.averager.checkpoint_state_dict()  # first: asynchronous messages home, a consistent cut
+            gossip = self.core.own_gossip_state()  # first: asynchronous messages home, a consistent cut
             mine = {
                 "model": {k: v.detach().cpu().clone() for k, v in self.lightning_module.state_dict().items()},
                 "optimizer_states": [self.optimizer_state(opt) for opt in self.optimizers],
-                "gossip": gossip,
+                CHECKPOINT_KEY: gossip,
             }
         finally:
             if swapped:
-                self._enter_consensus()
-        path = os.fspath(filepath)
-        if self.options.asynchronous:
-            # ModelCheckpoint names the file after each rank's own global_step, which differs between ranks in
-            # asynchronous mode: every rank writes its part next to rank 0's file.
-            path = filepath = self.broadcast(path)
-        save_id = self._fresh_save_id()
-        relative = os.path.join(os.path.basename(parts_root(path)), save_id)
-        self.checkpoint_io.save_checkpoint(mine, part_path(path, relative, self.global_rank))
-        del mine
-        with self._naming_lost_ranks("the barrier after every rank wrote its checkpoint part"):
-            dist.barrier()  # every part is on disk before the main file names them
-        if self.is_global_zero:
-            gossip = {"world_size": self.world_size, "step": self.gossip_step, "parts": relative, "save_id": save_id}
-            super().save_checkpoint({**checkpoint, CHECKPOINT_KEY: gossip}, filepath, storage_options=storage_options)
-            if _is_local_file_protocol(path):
-                remove_old_parts(path, save_id)
-
-    def _fresh_save_id(self) -> str:
-        """A random id from rank 0, the same on every rank (not from torch's generator: training stays bitwise
-        the same with or without saving)."""
-        code = torch.tensor(list(uuid.uuid4().bytes) if self.is_global_zero else [0] * 16, dtype=torch.uint8,
-                            device=self.root_device)
-        with self._naming_lost_ranks("the broadcast of a checkpoint's save id"):
-            dist.broadcast(code, src=0)
-        return bytes(code.cpu().tolist()).hex()
+                self.core.enter_consensus()
+        # Every rank writes its part next to rank 0's file (the same path everywhere, whatever a callback passed).
+        with self.core.collective("the broadcast of a checkpoint's path"):
+            path = super().broadcast(os.fspath(filepath))
+        self.core.save(
+            path,
+            mine,
+            write_part=lambda own, part: self.checkpoint_io.save_checkpoint(dict(own), part),
+            write_main=lambda entry: super(GossipStrategy, self).save_checkpoint(
+                {**checkpoint, CHECKPOINT_KEY: entry}, path, storage_options=storage_options
+            ),
+            remove_old_parts=remove_old_parts if _is_local_file_protocol(path) else None,
+        )
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -565,37 +490,24 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
 
         Same number of workers M: rank i gets back its own weights, gossip weight, messages that were in flight,
         schedule position, counters and (in :meth:`load_optimizer_state_dict`) optimizer state, so training goes on
-        exactly as if it had not stopped.
-
-        A different number of workers M': per-rank states cannot be mapped onto other ranks, so every rank starts from
-        the checkpoint's consensus model (the exact weighted average of the M workers, in-flight messages included),
-        with gossip weight 1/M', the optimizer state of the old rank 0, gossip counters at zero, and the gossip
-        schedule going on from the checkpoint's step (a different schedule, since it depends on M'). A warning says so.
+        exactly as if it had not stopped. A different number of workers M': every rank starts from the checkpoint's
+        consensus model (the exact weighted average of the M workers, in-flight messages included), with gossip weight
+        1/M', the optimizer state of the old rank 0, gossip counters at zero, and the gossip schedule going on from
+        the checkpoint's step (a different schedule, since it depends on M'). A warning says so.
         """
         assert self.lightning_module is not None
         gossip = checkpoint.get(CHECKPOINT_KEY)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        if gossip is None or not fitting:
+        if gossip is None or not fitting or gossip["world_size"] != self.world_size:
             check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
-            return
-        if gossip["world_size"] != self.world_size:
-            step = int(gossip["step"]) if "step" in gossip else int(gossip["ranks"][0]["gossip"]["step"])
-            rank_zero_warn(
-                f"Resuming a gossip checkpoint written by {gossip['world_size']} workers with {self.world_size} "
-                f"workers: per-rank states cannot be mapped onto a different number of workers, so every rank starts "
-                f"from the checkpoint's consensus model (the exact weighted average of the {gossip['world_size']} "
-                f"workers, in-flight messages included) with gossip weight 1/{self.world_size}, the optimizer state of "
-                f"the old rank 0 and gossip counters at zero; the gossip schedule goes on from step {step}."
-            )
-            check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
-            super().load_model_state_dict(checkpoint, strict=strict)
-            self._resume_step = step
+            if gossip is not None and fitting:
+                self.core.resume(self.core.plan_resume(gossip, None, self.world_size))
             return
         mine = self._own_state(gossip, self.global_rank)
         check_checkpoint_fits(self.lightning_module, mine["model"], strict)
         self.lightning_module.load_state_dict(mine["model"], strict=strict)
-        self._resume_state = mine["gossip"]
+        self.core.resume(self.core.plan_resume(gossip, mine, self.world_size))
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -606,13 +518,9 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         super().load_optimizer_state_dict(checkpoint)
 
     @override
-    def barrier(self, name: Optional[str] = None) -> None:
-        with self._naming_lost_ranks(f"Lightning's barrier {name!r}" if name else "a Lightning barrier"):
-            super().barrier(name)
-
-    @override
     def teardown(self) -> None:
-        self._leave_consensus()
+        self.core.leave_consensus(failed=True)
+        self.mode.teardown()
         super().teardown()
 
     @classmethod

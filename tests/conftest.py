@@ -25,6 +25,12 @@ def _one_thread_per_process() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the processes the tests start
 
 
+# Gossip's invariant checks (GossipOptions(verify=None) reads this) are on in every test and every process a test
+# starts: a lost message, created mass or a sample used twice fails the test that caused it, whatever it asserts.
+os.environ.setdefault("LIGHTNING_GOSSIP_VERIFY", "1")
+# A mismatched collective becomes an error at once instead of a hang until the timeout.
+os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+
 _TESTS = Path(__file__).resolve().parent
 # folders, files, or file::test-function (every parametrization of it)
 LIGHTNING_COMPAT = (

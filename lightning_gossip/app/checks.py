@@ -2,7 +2,8 @@
 
 The configs have no schema of their own (every group is a plain ``_target_`` mapping that users extend), so the keys
 that would otherwise fail late (inside the workers, often as a bare ``AssertionError`` from deep in Lightning) are
-checked here by type and range, each error naming the key, the value and what is allowed. Objects that check their
+checked here by type and range, each error naming the key, the value and what is allowed. With asynchronous gossip,
+the settings that mode cannot run with are refused here too (:func:`check_asynchronous`). Objects that check their
 own arguments when they are built (the strategy, the Trainer) are built once in the Hydra process anyway.
 """
 
@@ -100,7 +101,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_workers", _int(0), "an integer >= 0"),
 ]
 # GossipStrategy's switches: a string such as "false" would be truthy
-_GOSSIP_BOOLS = ("mix_buffers", "overlap", "final_consensus", "monitor", "outer_nesterov")
+_GOSSIP_BOOLS = ("mix_buffers", "overlap", "final_consensus", "monitor", "asynchronous", "outer_nesterov")
 
 # ckpt_path values Lightning resolves itself
 _CKPT_KEYWORDS = ("last", "best", "hpc")
@@ -129,14 +130,83 @@ def check_config(cfg: DictConfig) -> None:
         if not allowed(value):
             problems.append(f"{key} must be {what}, got {_describe(value)}")
     strategy = cfg.get("strategy")
-    if isinstance(strategy, DictConfig) and "GossipStrategy" in str(strategy.get("_target_", "")):
+    if _is_gossip(strategy):
         for name in _GOSSIP_BOOLS:
             value = strategy.get(name, _MISSING)
             if value is not _MISSING and not _bool(value):
                 problems.append(f"strategy.{name} must be true or false, got {_describe(value)}")
     if problems:
         raise ConfigError("Invalid config (nothing was started): " + "; ".join(problems) + ".")
+    check_asynchronous(cfg)
     check_checkpoint_path(cfg.get("ckpt_path"))
+
+
+def _is_gossip(strategy: Any) -> bool:
+    return isinstance(strategy, DictConfig) and "GossipStrategy" in str(strategy.get("_target_", ""))
+
+
+def is_asynchronous(cfg: DictConfig) -> bool:
+    """Whether the config trains with asynchronous gossip (``strategy=gossip_async`` or ``strategy.asynchronous``)."""
+    strategy = cfg.get("strategy")
+    return _is_gossip(strategy) and strategy.get("asynchronous") is True
+
+
+_ASYNCHRONOUS_WHY = (
+    "asynchronous gossip lets ranks take different numbers of optimizer steps within an epoch, so nothing may need "
+    "every rank at the same training step"
+)
+
+
+def check_asynchronous(cfg: DictConfig) -> None:
+    """Refuse, before any worker starts, what the asynchronous mode cannot do (``GossipStrategy`` refuses the same
+    Trainer settings at setup, in every worker; here the error names the config keys and nothing is started).
+
+    ``data.split=label_skew`` is refused while the training data is shared out (``trainer.use_distributed_sampler``,
+    which follows ``strategy.asynchronous``): work sharing hands every rank chunks of one permutation of the whole
+    training set, whoever asks first, so every rank would see the same label mix and the skew asked for would be
+    gone without a word. ``trainer.use_distributed_sampler=false`` keeps each rank's skewed part (equal static shards;
+    the exchange stays asynchronous, but the epoch then ends at the slowest rank's pace); that choice is the user's.
+    """
+    if not is_asynchronous(cfg):
+        return
+    problems = []
+    max_steps = _select(cfg, "trainer.max_steps")
+    if max_steps not in (_MISSING, None, -1):
+        problems.append(f"trainer.max_steps={max_steps}: ranks count their own steps, so they would stop at "
+                        "different points of an epoch with data left unused; use trainer.max_epochs or "
+                        "trainer.max_time")
+    min_steps = _select(cfg, "trainer.min_steps")
+    if min_steps not in (_MISSING, None, 0):
+        problems.append(f"trainer.min_steps={min_steps}: use trainer.min_epochs")
+    interval = _select(cfg, "trainer.val_check_interval")
+    if interval is not _MISSING and interval is not None and (
+            isinstance(interval, int) and not isinstance(interval, bool)
+            or isinstance(interval, float) and interval != 1.0):
+        problems.append(f"trainer.val_check_interval={interval}: validation inside an epoch needs every rank at the "
+                        "same step; validate at the end of epochs (1.0, with trainer.check_val_every_n_epoch=N)")
+    if _select(cfg, "trainer.check_val_every_n_epoch") is None:
+        problems.append("trainer.check_val_every_n_epoch=null validates every N training batches; use an integer")
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if isinstance(callback, DictConfig) and "ModelCheckpoint" in str(callback.get("_target_", "")) and (
+                callback.get("every_n_train_steps") or callback.get("train_time_interval") is not None):
+            problems.append(f"callbacks.{name} saves inside an epoch (every_n_train_steps/train_time_interval), "
+                            "which needs every rank at the same step; use every_n_epochs (the default)")
+    why = f" Why: {_ASYNCHRONOUS_WHY}." if problems else ""  # the step-related ones above; the data ones say why
+    if _select(cfg, "trainer.use_distributed_sampler") is True:
+        limit = _select(cfg, "trainer.limit_train_batches")
+        if isinstance(limit, float) and limit != 1.0:
+            problems.append(f"trainer.limit_train_batches={limit}: the training data is shared out between the ranks "
+                            "as they ask for it, so a rank's share has no length to take a fraction of; give a "
+                            "number of batches per rank (an integer) or 1.0")
+        if _select(cfg, "data.split") == "label_skew":
+            problems.append("data.split=label_skew: the training data is shared out dynamically (every rank takes "
+                            "chunks of one permutation of the whole training set), which would erase the skew; use "
+                            "data.split=iid, or keep each rank's skewed part with "
+                            "trainer.use_distributed_sampler=false (no work sharing: the epoch ends at the slowest "
+                            "rank's pace)")
+    if problems:
+        raise ConfigError("Invalid config for asynchronous gossip (strategy.asynchronous=true; nothing was started): "
+                          + "; ".join(problems) + "." + why)
 
 
 def check_checkpoint_path(ckpt_path: Any) -> None:
@@ -168,3 +238,12 @@ def register_resolvers() -> None:
     """``${pid:}``: this process's id, which keeps the folders of runs started in the same second apart."""
     if not OmegaConf.has_resolver("pid"):
         OmegaConf.register_new_resolver("pid", lambda: os.getpid(), use_cache=True)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The datamodule's own cheap checks (``check()``: a local dataset path exists, ...)."""
+    from hydra.utils import instantiate
+
+    check = getattr(instantiate(cfg.data), "check", None)
+    if callable(check):
+        check()

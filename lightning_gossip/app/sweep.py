@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-RESULTS_FILE = "results.json"
+from lightning_gossip.app.results import RESULTS_FILE
+
 _OVERRIDES = "__overrides__"  # row key listing which keys came from overrides
 SEED_KEYS = ("seed",)
 DEFAULT_METRICS = ("test/acc", "test/loss", "val/acc", "val/acc_best", "val/loss", "train/acc", "train/loss",

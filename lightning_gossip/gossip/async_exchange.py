@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipPeerError, NonFiniteGossipError, collective_guard, peer_lost_error
+from lightning_gossip.gossip.groups import message_group, process_group_timeout
 from lightning_gossip.gossip.schedule import _STREAM_PEER, _STREAM_SEND, uniform
 from lightning_gossip.gossip.state import GossipState
 from lightning_gossip.gossip.topology import RandomPeer, resolve_topology
@@ -54,18 +55,6 @@ _PROBE_TAG = 1  # failure diagnosis only; never received
 # The side group's own gloo timeout must never fire: a gloo wait that times out poisons every connection of the
 # group, and the receiver legitimately waits for as long as no peer sends. Timeouts are enforced here instead.
 _SIDE_GROUP_TIMEOUT = timedelta(days=365)
-_DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-def process_group_timeout(group: Optional[dist.ProcessGroup] = None) -> timedelta:
-    """The timeout ``group`` (default: the default group) was created with, or torch's default if unknown."""
-    group = group if group is not None else dist.distributed_c10d._get_default_group()
-    for device in ("cpu", "cuda"):
-        try:
-            return group._get_backend(torch.device(device)).options._timeout
-        except Exception:  # noqa: BLE001 - no backend for this device, or an API without options
-            continue
-    return _DEFAULT_TIMEOUT
 
 
 class AsyncGossipExchange:
@@ -160,15 +149,10 @@ class AsyncGossipExchange:
         self._side: Optional[dist.ProcessGroup] = None
         self._control: Optional[dist.ProcessGroup] = None
         if self.world_size > 1:
-            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
-            # Messages travel on their own group, so gossip never shares a tag or a connection with the training
-            # collectives; the control group carries drain's count all-reduce and barriers, with the real timeout.
-            # Inside a subgroup only its ranks construct the exchange, so only they create the side groups.
-            local = group is not None
-            self._side = dist.new_group(
-                ranks, backend="gloo", timeout=_SIDE_GROUP_TIMEOUT, use_local_synchronization=local
-            )
-            self._control = dist.new_group(ranks, backend="gloo", timeout=self.timeout, use_local_synchronization=local)
+            # Messages travel on their own group (see groups.py); the control group carries drain's count all-reduce
+            # and barriers, with the real timeout. Both are gloo: it can receive from any source (NCCL cannot).
+            self._side = message_group(group, timeout=_SIDE_GROUP_TIMEOUT, backend="gloo")
+            self._control = message_group(group, timeout=self.timeout, backend="gloo")
             # Unique per exchange and the same on every rank (groups are created in the same order everywhere).
             self._uid = str(getattr(self._side, "group_name", "")) or str(id(self))
             self._thread = threading.Thread(
@@ -179,6 +163,18 @@ class AsyncGossipExchange:
             )
             self._thread.start()
             self._completer.start()
+
+    #: Ranks take as many steps as their speed allows.
+    equal_steps = False
+
+    def cut(self) -> None:
+        """A consistent cut is reached by quiescence: :meth:`drain` (a collective)."""
+        self.drain()
+
+    def abort(self) -> None:
+        """After an error: stop without any collective (the daemon threads may stay blocked; they never keep the
+        interpreter from exiting)."""
+        self.close(clean=False)
 
     @property
     def seed(self) -> int:

@@ -18,6 +18,7 @@ its state, and the end of a run. It gossips over ``group`` (the default process 
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -28,11 +29,14 @@ from torch import nn
 
 from lightning_gossip.gossip.counters import GossipCounters
 from lightning_gossip.gossip.errors import GossipScheduleError, collective_guard
-from lightning_gossip.gossip.exchange import Exchange, GossipExchange
+from lightning_gossip.gossip.exchange import Exchange
+from lightning_gossip.gossip.invariants import InvariantChecker
+from lightning_gossip.gossip.modes import exchange_for
 from lightning_gossip.gossip.options import GossipOptions
 from lightning_gossip.gossip.outer import OuterGossipState, OuterOptimizer, OuterSchedule, load_outer_state
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
+from lightning_gossip.gossip.step_board import StepBoard
 from lightning_gossip.gossip.topology import validate_topology
 
 ExchangeFactory = Callable[[GossipState, GossipOptions, Optional[dist.ProcessGroup], GossipSchedule], Exchange]
@@ -40,18 +44,19 @@ ExchangeFactory = Callable[[GossipState, GossipOptions, Optional[dist.ProcessGro
 
 def check_same_model_on_all_ranks(
     module: nn.Module, include_buffers: bool, group: Optional[dist.ProcessGroup] = None
-) -> None:
+) -> str:
     """Fail at setup, naming the first difference, if the ranks' models do not have the same tensors.
 
-    Gossip mixes flat buffers position by position, so a shape mismatch would silently mix unrelated weights.
+    Gossip mixes flat buffers position by position, so a shape mismatch would silently mix unrelated weights. Returns
+    a fresh id of this run, rank 0's, the same on every rank (it rides on the same gather: no extra collective).
     """
     named = list(module.named_parameters()) + (list(module.named_buffers()) if include_buffers else [])
     signature = [(name, tuple(t.shape), str(t.dtype)) for name, t in named if t.is_floating_point()]
     everyone: list[Any] = [None] * dist.get_world_size(group)
     with collective_guard("the check that every rank has the same model", group):
-        dist.all_gather_object(everyone, signature, group=group)
-    reference = everyone[0]
-    for rank, other in enumerate(everyone):
+        dist.all_gather_object(everyone, (signature, uuid.uuid4().hex), group=group)
+    reference, run_id = everyone[0]
+    for rank, (other, _) in enumerate(everyone):
         if other == reference:
             continue
         for index in range(max(len(reference), len(other))):
@@ -62,14 +67,7 @@ def check_same_model_on_all_ranks(
                     f"Gossip needs the same model on every rank, but tensor #{index} is {mine} on rank 0 and "
                     f"{theirs} on rank {rank} (name, shape, dtype)."
                 )
-
-
-def _default_exchange(options: GossipOptions) -> ExchangeFactory:
-    if options.asynchronous:
-        from lightning_gossip.gossip.async_exchange import AsyncGossipExchange
-
-        return AsyncGossipExchange
-    return GossipExchange
+    return run_id
 
 
 class GossipAverager:
@@ -81,9 +79,16 @@ class GossipAverager:
             ``seed=None`` means 0 here (the caller resolves a global seed if it has one).
         group: the process group to gossip in (``None``: the default group). Every rank of it must construct the
             averager at the same point (it runs collectives).
-        exchange: a factory ``(state, options, group, schedule) -> exchange`` to replace the lock-step
-            :class:`GossipExchange` (see :class:`~lightning_gossip.gossip.exchange.Exchange` for the protocol).
+        exchange: a factory ``(state, options, group, schedule) -> exchange`` to replace the mode's exchange
+            (see :class:`~lightning_gossip.gossip.exchange.Exchange` for the protocol and
+            :mod:`lightning_gossip.gossip.modes` for the modes).
         broadcast: copy rank 0's weights to every rank now (skip when every rank already holds its own state).
+
+    The lifecycle is the same in every mode; what differs (whether ranks must take the same number of steps, what a
+    consistent cut costs, how messages move) is the exchange's business. Every collective of the averager first
+    posts where this rank stands on the :class:`~lightning_gossip.gossip.step_board.StepBoard`, so a peer that waits
+    for a gossip message this rank will never send can tell (lock-step), and, with ``options.verify``, checks the
+    invariants there (:mod:`lightning_gossip.gossip.invariants`).
     """
 
     def __init__(
@@ -116,8 +121,17 @@ class GossipAverager:
         self.state = state_type(
             gossiped_tensors(module, options.mix_buffers), 1.0 / self.world_size, options.transfer_dtype
         )
-        check_same_model_on_all_ranks(module, options.mix_buffers, group)
-        self.exchange: Exchange = (exchange or _default_exchange(options))(self.state, options, group, self.schedule)
+        #: An id of this run, the same on every rank and new for every averager: scopes every store key of the run
+        #: (work sharing, stop flags, the step board), so a second run in the same process never meets the first's.
+        self.run_id = check_same_model_on_all_ranks(module, options.mix_buffers, group)
+        self.scope = f"lightning_gossip/run/{self.run_id}"
+        self.board = StepBoard(self.scope, self.rank)
+        self.exchange: Exchange = (exchange or exchange_for(options))(self.state, options, group, self.schedule)
+        if hasattr(self.exchange, "board"):
+            self.exchange.board = self.board
+        #: What the gossip weights of all ranks (and of the messages in flight) sum to.
+        self.expected_mass = 1.0
+        self.verifier: Optional[InvariantChecker] = InvariantChecker(self) if options.verify else None
         self._step = 0
         self.outer: Optional[OuterOptimizer] = None
         if broadcast:
@@ -163,15 +177,39 @@ class GossipAverager:
         if self.outer is not None and self.outer.due(self._step + 1):
             self.outer.step()  # first: this step's pairing then averages the new slow weights (outer.py)
         if self.world_size > 1:
+            self.board.back_to_training()
             self.exchange.step(self._step)
         self._step += 1
         if self.world_size > 1 and self.options.average_every and self._step % self.options.average_every == 0:
             self.consensus_()
 
+    def enter_collective(self, what: str) -> None:
+        """Post on the step board that this rank now waits in the collective ``what`` (adapters call it around
+        their own collectives, so a peer waiting for a gossip message can tell that this rank left training)."""
+        if self.world_size > 1:
+            self.board.enter_collective(self._step, what)
+
+    def cut(self, what: str = "a consistent cut") -> None:
+        """A consistent cut (a collective): afterwards this rank's weights, gossip weight and the messages it holds
+        received-but-not-mixed account for every message sent to it, so the exact mean and a checkpoint are whole.
+
+        Lock-step is at a cut after every step (what is in flight is held whole); asynchronous gossip reaches one
+        by quiescence. With ``options.verify`` the invariants are checked here.
+        """
+        if self.world_size == 1:
+            return
+        self.enter_collective(what)
+        self.exchange.cut()
+        if self.verifier is not None:
+            self.verifier.at_cut(what)
+
     def finish(self) -> None:
         """Bring every message in flight home and mix it in, so every rank's weight is back in its own a_i."""
         if self.world_size > 1:
+            self.enter_collective("finish() (every gossip message brought home)")
             self.exchange.drain()
+            if self.verifier is not None:
+                self.verifier.at_cut("finish()")
 
     def end(self, consensus: Optional[bool] = None) -> None:
         """End a run: check that every rank took as many steps, bring every message home, put the exact consensus on
@@ -181,7 +219,7 @@ class GossipAverager:
         """
         if self.world_size == 1:
             return
-        if not self.options.asynchronous:
+        if self.exchange.equal_steps:
             # Before draining: a rank that took fewer steps would otherwise wait for messages never sent.
             self.check_same_step_count()
         if self.options.final_consensus if consensus is None else consensus:
@@ -192,6 +230,7 @@ class GossipAverager:
 
     def check_same_step_count(self) -> None:
         """Raise :class:`GossipScheduleError` on every rank if the ranks took different numbers of steps."""
+        self.enter_collective("the check that every rank took the same number of gossip steps")
         steps = torch.tensor([self._step], dtype=torch.int64, device=self.state.device)
         everyone = [torch.zeros_like(steps) for _ in range(self.world_size)]
         with collective_guard("the check that every rank took the same number of steps", self.group):
@@ -219,10 +258,17 @@ class GossipAverager:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     def weighted_mean(self) -> tuple[torch.Tensor, float]:
-        """The exact consensus x_bar (messages in flight counted, not mixed in) and sum_i a_i. A collective."""
-        if self.options.asynchronous:
-            # Asynchronous messages may be on the wire, where no rank can count them: bring them home first.
-            self.finish()
+        """The exact consensus x_bar (messages in flight counted, not mixed in) and sum_i a_i. A collective.
+
+        Taken at a consistent cut (:meth:`cut`): in asynchronous mode messages still on the wire are brought home
+        first, since no rank can count them there.
+        """
+        self.cut("the exact consensus (weighted mean)")
+        return self.exact_mean()
+
+    def exact_mean(self) -> tuple[torch.Tensor, float]:
+        """The weighted mean of what every rank holds now (its weights and the messages it received and has not
+        mixed in) and sum_i a_i: the exact consensus at a consistent cut (call :meth:`cut` first). A collective."""
         return self.state.weighted_mean(
             group=self.group, in_flight=self.exchange.in_flight_messages(), on_nonfinite=self.options.on_nonfinite
         )
@@ -251,18 +297,27 @@ class GossipAverager:
     def consensus_swapped_in(self) -> Iterator[float]:
         """Temporarily hold the exact consensus (to evaluate or save it), then restore this rank's own weights.
 
-        Messages in flight are counted in the consensus but not mixed in, so looking at the consensus never
-        changes the course of training. Yields the consensus distance. A collective: every rank must enter it.
+        The cut comes first and this rank's weights are copied after it: in asynchronous mode the cut mixes in what
+        was on the wire, and the copy must hold it (a copy taken before would put the messages' values back out
+        while their weight stays). Lock-step counts the messages in flight without mixing them, so looking at the
+        consensus never changes the course of training. Yields the consensus distance. A collective: every rank
+        must enter it (and, for the check of ``options.verify``, leave it without an error).
         """
-        local = self.state.flatten()
         with torch.no_grad():
-            mean, _ = self.weighted_mean()
+            self.cut("the consensus swapped in (evaluation or checkpoint)")
+            local = self.state.flatten()
+            mean, _ = self.exact_mean()
             distance = self.state.consensus_distance(mean, self.group)
             self.state.load_flat(mean)
         try:
             yield distance
-        finally:
+        except BaseException:
             self.state.load_flat(local)
+            raise
+        self.state.load_flat(local)
+        if self.verifier is not None:
+            with torch.no_grad():
+                self.verifier.mean_unchanged(mean, "the consensus swapped in and back (evaluation or checkpoint)")
 
     def refresh_tensors(self) -> None:
         """Re-collect the module's tensors (after ``module.to()``, which replaces buffer tensors)."""
@@ -293,8 +348,7 @@ class GossipAverager:
         holds, every rank's weights and gossip weights, sums to the whole mass; the lock-step exchange is at a cut
         after every step already and saves its messages in flight.
         """
-        if self.options.asynchronous and self.world_size > 1:
-            self.finish()
+        self.cut("a checkpoint's consistent cut")
         return self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -31,6 +31,19 @@ class NonFiniteGossipError(FloatingPointError):
     """A received gossip message held NaN or Inf and ``on_nonfinite='error'`` was asked for."""
 
 
+class GossipInvariantError(RuntimeError):
+    """An invariant of gossip does not hold (checked with ``GossipOptions(verify=True)``).
+
+    ``invariant`` names it (``"mass"``, ``"mean"``, ``"messages"``, ``"coverage"``); ``ranks`` are the ranks whose
+    values break it (empty when the violation is global).
+    """
+
+    def __init__(self, invariant: str, message: str, ranks: Sequence[int] = ()) -> None:
+        super().__init__(f"Gossip invariant '{invariant}' violated: {message}")
+        self.invariant = invariant
+        self.ranks = list(ranks)
+
+
 class GossipPeerError(RuntimeError):
     """A gossip exchange or collective failed: a peer rank died, hung past the timeout or lost its connection.
 
@@ -76,6 +89,12 @@ def _first_loss(report: Optional[str]) -> Optional[str]:
         return store.compare_set(_FIRST_LOSS_KEY, "", report).decode()
     except Exception:  # noqa: BLE001 - the store is only a courtesy; the error raised is what matters
         return None
+
+
+def record_first_failure(report: str) -> None:
+    """Record ``report`` as this run's first failure (if none is recorded), so the errors the other ranks raise when
+    this rank stops quote the real cause instead of only "connection closed"."""
+    _first_loss(report)
 
 
 def _with_first_loss(text: str, mine: Optional[str]) -> str:

@@ -13,12 +13,21 @@ purpose: a rank that took a different number of steps then receives a message of
 check turns into a :class:`~lightning_gossip.gossip.errors.GossipScheduleError` that says so, instead of a hang until
 the timeout.
 
-The protocol every exchange implements (the averager calls nothing else): ``step(step)``, ``drain()``,
-``in_flight_messages()``, ``state_dict()`` / ``load_state_dict()``, ``close()`` and the attribute ``counters``.
+The protocol every exchange implements (the averager calls nothing else): ``step(step)``, ``cut()``, ``drain()``,
+``in_flight_messages()``, ``state_dict()`` / ``load_state_dict()``, ``close()``, ``abort()`` and the attributes
+``counters`` and ``equal_steps``.
+
+A rank whose peer has left the training loop (its epoch ended early: ranks took different numbers of steps) would wait
+for that peer's message until the process-group timeout. So a wait that lasts longer than a second reads the peer's
+post on the :class:`~lightning_gossip.gossip.step_board.StepBoard` and raises a
+:class:`~lightning_gossip.gossip.errors.GossipScheduleError` naming both ranks when the peer waits in a collective
+instead (gloo; NCCL's waits do not block the host, so there the backend's timeout still applies).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,19 +38,33 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gossip.gossip.counters import GossipCounters
-from lightning_gossip.gossip.errors import GossipScheduleError, NonFiniteGossipError, peer_lost_error
+from lightning_gossip.gossip.errors import (
+    GossipScheduleError,
+    NonFiniteGossipError,
+    peer_lost_error,
+    record_first_failure,
+)
+from lightning_gossip.gossip.groups import group_ranks, message_group
 from lightning_gossip.gossip.options import GossipOptions
 from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan
 from lightning_gossip.gossip.state import GossipState
+from lightning_gossip.gossip.step_board import CHECK_AFTER_SECONDS, StepBoard
+
 
 
 class Exchange(Protocol):
     """What the averager needs from an exchange (lock-step here; the asynchronous one has the same shape)."""
 
     counters: GossipCounters
+    #: Whether every rank must take the same number of steps (a collective check ends a run when it does).
+    equal_steps: bool
 
     def step(self, step: int) -> None:
         """Run the exchange's part of gossip step ``step`` (right after that optimizer step)."""
+
+    def cut(self) -> None:
+        """Reach a consistent cut (a collective in some modes: every rank calls it): afterwards every message sent to
+        this rank is mixed in or held in :meth:`in_flight_messages`, so the exact mean and a checkpoint are whole."""
 
     def drain(self) -> None:
         """Bring every message in flight home and mix it in (may be a collective: every rank calls it)."""
@@ -56,6 +79,9 @@ class Exchange(Protocol):
 
     def close(self) -> None:
         """Give back what the exchange holds (buffers, threads); idempotent."""
+
+    def abort(self) -> None:
+        """After an error, when other ranks may be gone: give back what can be given back without any collective."""
 
 
 @dataclass
@@ -73,6 +99,9 @@ class PendingExchange:
 
 class GossipExchange:
     """Matched point-to-point transfers of one rank's :class:`GossipState`, step by step, from a shared schedule.
+
+    Lock-step: every rank must take the same number of steps (``equal_steps``), and the exchange is at a consistent
+    cut after every step (messages received and not mixed in yet are held whole), so :meth:`cut` has nothing to do.
 
     Args:
         state: this rank's gossiped tensors and weight.
@@ -96,9 +125,15 @@ class GossipExchange:
         self.on_nonfinite = options.on_nonfinite
         self.check_finite = True
         self.counters = GossipCounters()
-        # Point-to-point calls take global ranks; the schedule speaks in ranks of the group.
-        size = dist.get_world_size(group)
-        self._global_rank = [dist.get_global_rank(group, r) for r in range(size)] if group is not None else None
+        #: Set by the averager: where the peers stand, read when a wait lasts (``None``: wait as the backend does).
+        self.board: Optional[StepBoard] = None
+        # NCCL's wait() returns at once (it orders the GPU stream); only host-blocking backends (gloo) are watched.
+        self._watched = dist.get_backend(group) != "nccl"
+        self._waiter: Optional[_TransferWaiter] = None
+        # Point-to-point calls take global ranks; the schedule speaks in ranks of the group. Messages travel on a
+        # group of their own (see groups.py), never on the one the training's collectives use.
+        self._global_rank = group_ranks(group)
+        self._messages = message_group(group) if len(self._global_rank) > 1 else None
         # Posted exchanges not mixed in yet, oldest first (at most ``staleness`` of them between steps).
         self._pending: deque[PendingExchange] = deque()
         # Free message buffers. A buffer in a posted exchange must not be touched until the transfer is done.
@@ -121,9 +156,19 @@ class GossipExchange:
         else:
             self._pending.append(pending)
 
+    equal_steps = True
+
+    def cut(self) -> None:
+        """Nothing to do: after every step, what was sent to this rank is mixed in or held whole in a pending exchange."""
+
     def drain(self) -> None:
         while self._pending:
             self.complete(self._pending.popleft())
+
+    def abort(self) -> None:
+        """Forget the posted exchanges (a failed run: their peers may be gone) and the pooled buffers."""
+        self._pending = deque()
+        self.close()
 
     def in_flight_messages(self) -> list[Tensor]:
         messages = []
@@ -171,15 +216,16 @@ class GossipExchange:
     def close(self) -> None:
         """Drop the pooled buffers no exchange uses (after training: up to K x (1 + senders) model copies)."""
         self._free_buffers = []
+        if self._waiter is not None:
+            self._waiter.stop()
+            self._waiter = None
 
     # -- one step's transfers (the seams a variant overrides) -----------------------------------------------------
     def _take_buffer(self) -> Tensor:
         return self._free_buffers.pop() if self._free_buffers else self.state.new_message()
 
     def _p2p(self, op: Any, buffer: Tensor, peer: int) -> dist.P2POp:
-        if self._global_rank is None:
-            return dist.P2POp(op, buffer, peer)
-        return dist.P2POp(op, buffer, self._global_rank[peer], self.group)
+        return dist.P2POp(op, buffer, self._global_rank[peer], self._messages)
 
     def post(self, plan: StepPlan) -> PendingExchange:
         """Halve the weight and start the send if this rank sends; start a receive per scheduled sender."""
@@ -214,14 +260,34 @@ class GossipExchange:
         requests = pending.requests
         # gloo returns one request per operation, so a failure names its peer; NCCL coalesces them into one.
         one_per_op = len(requests) == len(pending.peers)
-        for index, request in enumerate(requests):
-            try:
-                request.wait()
-            except RuntimeError as error:  # gloo: connection reset/closed by a dead peer, or the timeout passed
-                lost = [pending.peers[index]] if one_per_op else pending.peers
-                raise peer_lost_error(self.rank, lost, f"the gossip exchange of step {pending.step}", error) from error
+        if requests and self.board is not None and self._watched:
+            if self._waiter is None:
+                self._waiter = _TransferWaiter(f"gossip-transfer-waiter-rank{self.rank}")
+            failure = self._waiter.wait(requests, lambda: self._check_peers(pending.peers, pending.step))
+        else:
+            failure = None
+            for index, request in enumerate(requests):
+                try:
+                    request.wait()
+                except RuntimeError as error:
+                    failure = (index, error)
+                    break
+        if failure is not None:  # gloo: connection reset/closed by a dead peer, or the timeout passed
+            index, error = failure
+            lost = [pending.peers[index]] if one_per_op else pending.peers
+            raise peer_lost_error(self.rank, lost, f"the gossip exchange of step {pending.step}", error) from error
         # Only now: an exchange whose wait failed must not look finished (its buffers may still be written into).
         pending.requests = []
+
+    def _check_peers(self, peers: list[int], step: int) -> None:
+        """Raise :class:`GossipScheduleError` if a peer of this wait has left the training loop (see StepBoard)."""
+        assert self.board is not None
+        for peer in peers:
+            position = self.board.left_training(peer, step)
+            if position is not None:
+                text = self.board.describe(peer, position, step, "the gossip exchange")
+                record_first_failure(text)
+                raise GossipScheduleError(text)
 
     def complete(self, pending: PendingExchange) -> None:
         """Wait for the step's transfers and mix the received messages in, in ascending sender order."""
@@ -255,3 +321,42 @@ class GossipExchange:
             raise NonFiniteGossipError(text)
         warnings.warn(text, RuntimeWarning, stacklevel=3)
         self.state.absorb_weight(weight)
+
+
+class _TransferWaiter:
+    """Waits for a step's transfers on a thread of its own, so the training thread can look at the step board while
+    it waits: gloo cannot wait with a timeout (a timed-out wait closes the connection) and marks a transfer complete
+    only inside ``wait()``. One daemon thread per exchange; a wait the training thread gave up on (a peer left)
+    leaves it blocked, which never keeps the interpreter from exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def wait(self, requests: list, check: Any) -> Optional[tuple[int, BaseException]]:
+        """Wait for ``requests`` in order; call ``check()`` (which may raise) every CHECK_AFTER_SECONDS meanwhile.
+        Returns ``(index, error)`` of the first that failed, or None."""
+        done = threading.Event()
+        result: list[tuple[int, BaseException]] = []
+        self._queue.put((requests, done, result))
+        while not done.wait(CHECK_AFTER_SECONDS):
+            check()
+        return result[0] if result else None
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            requests, done, result = item
+            for index, request in enumerate(requests):
+                try:
+                    request.wait()
+                except BaseException as error:  # noqa: BLE001 - handed to the training thread, which raises it
+                    result.append((index, error))
+                    break
+            done.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,9 @@ from lightning_gossip.gossip.topology import Topology, TopologyLike, resolve_top
 TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_MODES = ("consensus", "local")
 ON_NONFINITE = ("warn", "error")
+# ``verify=None`` reads this environment variable ("1"/"true"/"yes" on, "0"/"false"/"no"/"" off), so a test suite or a
+# debugging session can switch the invariant checks on for every run, launched workers included, without code changes.
+VERIFY_ENV = "LIGHTNING_GOSSIP_VERIFY"
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,18 @@ class GossipOptions:
         eval_mode: ``"consensus"`` evaluates the exact average of all ranks; ``"local"`` each rank's own model.
         final_consensus: at the end of training, put the exact average on every rank.
         asynchronous: GoSGD as published: no rank waits for another during an epoch; messages are mixed in when
-            they arrive (no schedule, no staleness).
+            they arrive (no schedule, no staleness, no periodic global average).
         outer_every: the outer optimizer (``lightning_gossip/gossip/outer.py``, ``docs/outer.md``): every this many
-            steps the ranks pair up at random, each pair averages its models, and every rank takes an outer step
-            (Nesterov momentum on its pseudo-gradient, as DiLoCo and NoLoCo do) from its slow weights. ``None``: off.
+            steps every rank takes an outer step from its slow weights (Nesterov momentum on its pseudo-gradient, as
+            DiLoCo does), then the ranks pair up at random and each pair averages its new slow weights. ``None``: off.
         outer_lr: the outer learning rate, > 0 (1 with no momentum: the slow weights jump to the averaged model).
         outer_momentum: the outer momentum, in [0, 1).
         outer_nesterov: Nesterov momentum (DiLoCo's outer SGD) instead of heavy-ball (NoLoCo's code).
+        verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (total gossip weight 1,
+            the exact mean unchanged by looking at it, messages sent == received, every sample once per epoch with
+            work sharing); a violation raises :class:`~lightning_gossip.gossip.errors.GossipInvariantError` naming
+            the invariant and the ranks. Costs an extra all-reduce of the model per evaluation or checkpoint.
+            ``None`` reads the environment variable ``LIGHTNING_GOSSIP_VERIFY``; held resolved, as a bool.
     """
 
     p: float = 0.1
@@ -72,6 +81,7 @@ class GossipOptions:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
+    verify: Optional[bool] = None
 
     def __post_init__(self) -> None:
         resolved = {
@@ -90,19 +100,11 @@ class GossipOptions:
             "outer_lr": check_positive_real("outer_lr", self.outer_lr),
             "outer_momentum": check_momentum("outer_momentum", self.outer_momentum),
             "outer_nesterov": check_bool("outer_nesterov", self.outer_nesterov),
+            "verify": resolve_verify(self.verify),
         }
         resolved["overlap"] = resolved["staleness"] > 0
-        if resolved["asynchronous"] and resolved["staleness"] > 0:
-            raise ValueError(
-                f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
-                f"overlap={self.overlap!r}, staleness={self.staleness!r}) have no meaning there: leave them unset, or "
-                "use the lock-step mode."
-            )
-        if resolved["outer_every"] is not None and resolved["asynchronous"]:
-            raise ValueError(
-                f"outer_every={resolved['outer_every']} is not available in the asynchronous mode yet "
-                "(asynchronous=True); use the lock-step mode."
-            )
+        if resolved["asynchronous"]:
+            _check_asynchronous(self, resolved)
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
 
@@ -115,6 +117,46 @@ class GossipOptions:
     def schedule_seed(self, fallback: int = 0) -> int:
         """The schedule's seed: :attr:`seed`, or ``fallback`` (e.g. the global seed) when it is ``None``."""
         return self.seed if self.seed is not None else int(fallback)
+
+    @property
+    def mode(self) -> str:
+        """``"asynchronous"`` or ``"lock-step"``: which exchange (and which Lightning-side mode) a run uses."""
+        return "asynchronous" if self.asynchronous else "lock-step"
+
+
+def _check_asynchronous(given: GossipOptions, resolved: dict[str, Any]) -> None:
+    """Refuse what needs every rank at the same step, which the asynchronous mode gives up (checked here, once)."""
+    if resolved["staleness"] > 0:
+        raise ValueError(
+            f"asynchronous=True mixes messages in as they arrive, so overlap/staleness (got "
+            f"overlap={given.overlap!r}, staleness={given.staleness!r}) have no meaning there: leave them unset, or "
+            "use the lock-step mode."
+        )
+    if resolved["average_every"] is not None:
+        raise ValueError(
+            f"asynchronous=True cannot take average_every={given.average_every!r}: a global average every H steps "
+            "needs every rank at the same step, and asynchronous ranks count their own steps (they would each call "
+            "the average at a different moment and wait for one another until the timeout). Leave average_every=None "
+            "(the consensus is still exact at every quiescent point: each epoch's end, evaluation, checkpoints and "
+            "the end of fit), or use the lock-step mode for Gossip-PGA / Local SGD."
+        )
+    if resolved["outer_every"] is not None:
+        raise ValueError(
+            f"outer_every={resolved['outer_every']} is not available in the asynchronous mode yet "
+            "(asynchronous=True); use the lock-step mode."
+        )
+
+
+def resolve_verify(value: Any) -> bool:
+    """``verify`` as a bool: ``None`` reads ``LIGHTNING_GOSSIP_VERIFY`` (unset or empty: off)."""
+    if value is not None:
+        return check_bool("verify", value)
+    text = os.environ.get(VERIFY_ENV, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{VERIFY_ENV} must be one of 1/0, true/false, yes/no, on/off (or unset), got {text!r}.")
 
 
 def resolve_transfer_dtype(value: Any) -> Optional[torch.dtype]:

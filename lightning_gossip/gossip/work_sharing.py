@@ -9,17 +9,29 @@ next to a few training steps.
 
 Which rank sees which sample depends on timing, so runs are not reproducible sample by sample; the set of samples
 of an epoch, and the order within each chunk, are.
+
+Store keys are scoped by the sampler's *generation*: the n-th sampler a rank iterates (under one key prefix) is the
+n-th on every rank, so a second training loop, fit or sweep run in the same process (same store) never finds the
+first one's claim counters used up. When a rank has used up a pass it records how many samples it took; with the
+invariant checks on (``GossipOptions(verify=True)``), :func:`verify_finished_passes` (called at every consistent
+cut) checks that the ranks' counts of every finished pass add up to the dataset, each sample once.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sized
 
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from lightning_gossip.gossip.errors import GossipInvariantError
+from lightning_gossip.gossip.permutation import epoch_permutation, piece
+
+# Samplers with finished passes not verified yet (see verify_finished_passes).
+_UNVERIFIED: "weakref.WeakSet[WorkSharingSampler]" = weakref.WeakSet()
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -75,6 +87,9 @@ class WorkSharingSampler(Sampler[int]):
         self.stop = stop
         self.epoch = 0
         self._passes: dict[int, int] = {}  # epoch -> times iterated, so a second pass gets fresh keys
+        self._generation: Optional[int] = None  # which of this rank's samplers (under key_prefix) this one is
+        self._finished: list[tuple[str, int]] = []  # (pass key, world size) of passes used up, not verified yet
+        self._claimed_chunks = 0  # chunks of the current pass claimed by all ranks, as of this rank's last claim
         # Samples this rank took in its last pass (for progress reports and tests).
         self.last_pass_samples = 0
 
@@ -88,11 +103,7 @@ class WorkSharingSampler(Sampler[int]):
     def permutation(self, epoch: Optional[int] = None) -> list[int]:
         """The epoch's order of the dataset, identical on every rank."""
         epoch = self.epoch if epoch is None else epoch
-        if not self.shuffle:
-            return list(range(self.num_samples_total))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples_total, generator=generator).tolist()
+        return epoch_permutation(self.num_samples_total, self.seed, epoch, self.shuffle).tolist()
 
     def store(self) -> dist.Store:
         if self._store is None:
@@ -124,26 +135,79 @@ class WorkSharingSampler(Sampler[int]):
         epoch = self.epoch
         passes = self._passes.get(epoch, 0)
         self._passes[epoch] = passes + 1
-        key = f"{self.key_prefix}/epoch{epoch}/pass{passes}/next_chunk"
-        order = self.permutation(epoch)
         store = self.store()
         rank, world_size = self._rank_and_world_size()
+        if self._generation is None:
+            self._generation = store.add(f"{self.key_prefix}/generation/rank{rank}", 1)
+        pass_key = f"{self.key_prefix}/gen{self._generation}/epoch{epoch}/pass{passes}"
+        key = f"{pass_key}/next_chunk"
+        order = self.permutation(epoch)
         chunk = self.effective_chunk_size(world_size)
         self.last_pass_samples = 0
         # Chunk r is rank r's own: every rank trains at least once per epoch, so every rank reaches the epoch's end
         # (a rank with no batch would never get there, and everything at an epoch's end needs every rank).
         index = rank
+        self._claimed_chunks = world_size
         while True:
-            start = index * chunk
-            if start >= self.num_samples_total:
+            indices = piece(order, index, chunk)
+            if not indices:
+                store.set(f"{pass_key}/samples/rank{rank}", str(self.last_pass_samples))
+                self._finished.append((pass_key, world_size))
+                _UNVERIFIED.add(self)
                 return
-            indices = order[start : start + chunk]
             self.last_pass_samples += len(indices)
             yield from indices
             if self.stop is not None and self.stop():
+                store.set(f"{pass_key}/samples/rank{rank}", "stopped")
                 return
             # add() returns the counter after the increment: the chunk this rank now owns, exclusively.
             index = world_size + store.add(key, 1) - 1
+            self._claimed_chunks = index + 1
+
+    def verify_finished_passes(self) -> None:
+        """Raise :class:`GossipInvariantError` if the ranks' sample counts of a pass every rank used up do not add
+        up to the dataset (passes some rank has not finished, or stopped early, are left for a later call)."""
+        store = self.store()
+        waiting = []
+        for pass_key, world_size in self._finished:
+            keys = [f"{pass_key}/samples/rank{r}" for r in range(world_size)]
+            if not store.check(keys):
+                waiting.append((pass_key, world_size))
+                continue
+            counts = [store.get(key).decode() for key in keys]
+            if "stopped" in counts:
+                continue
+            taken = [int(count) for count in counts]
+            if sum(taken) != self.num_samples_total:
+                per_rank = ", ".join(f"rank {r}: {n}" for r, n in enumerate(taken))
+                raise GossipInvariantError(
+                    "coverage",
+                    f"the ranks took {sum(taken)} samples in the work-sharing pass {pass_key!r} ({per_rank}), but the "
+                    f"dataset has {self.num_samples_total}: every sample must be used exactly once per epoch (were the "
+                    "claim counters in the store shared with another run?).",
+                    ranks=list(range(world_size)),
+                )
+        self._finished = waiting
+        if not waiting:
+            _UNVERIFIED.discard(self)
+
+    @property
+    def world_size(self) -> int:
+        return self._rank_and_world_size()[1]
+
+    def batches_per_pass(self) -> int:
+        """The batches of one pass over all ranks (every chunk is whole batches; the last chunk may be short)."""
+        chunk = self.effective_chunk_size(self.world_size)
+        full, rest = divmod(self.num_samples_total, chunk)
+        return full * (chunk // self.batch_size) + math.ceil(rest / self.batch_size)
+
+    def batches_finished_by_all(self) -> int:
+        """At least how many batches of the current pass all ranks together have finished, as of this rank's last
+        claim: the chunks claimed, less the one each rank may still be working on."""
+        world_size = self.world_size
+        chunk_batches = self.effective_chunk_size(world_size) // self.batch_size
+        finished = (self._claimed_chunks - world_size) * chunk_batches
+        return max(0, min(finished, self.batches_per_pass()))
 
     # No __len__ on purpose: a rank's share depends on the ranks' speeds. A DataLoader over this sampler is then
     # unsized, which Lightning handles as it does an iterable dataset: the epoch ends when the data does (a length
@@ -152,3 +216,9 @@ class WorkSharingSampler(Sampler[int]):
         """The share of an equally fast rank, in samples (for progress reports; the true share varies)."""
         _, world_size = self._rank_and_world_size()
         return math.ceil(self.num_samples_total / max(1, world_size))
+
+
+def verify_finished_passes() -> None:
+    """:meth:`WorkSharingSampler.verify_finished_passes` for every sampler of this process with finished passes."""
+    for sampler in list(_UNVERIFIED):
+        sampler.verify_finished_passes()

@@ -6,8 +6,8 @@
 accepts only strategies derived from ``pytorch_lightning.strategies.Strategy``, so the ``GossipStrategy`` built on
 ``lightning.pytorch`` is rejected there.
 
-This package applies that same renaming to the Lightning adapter modules of lightning_gossip (the strategy, its
-callbacks, launchers, checkpoint code and Lightning compatibility layer), when they are imported as
+This package applies that same renaming to the Lightning adapter modules of lightning_gossip (the strategies, the
+adapter core, the modes, callbacks, launchers, checkpoint code and Lightning compatibility layer), when they are imported as
 ``lightning_gossip.standalone.<module>``. There is no second copy of any logic: the adapter source is read from
 ``lightning_gossip/<module>.py`` and compiled under the new name with its original file name and line numbers, so
 tracebacks point at the real file; the algorithm (:mod:`lightning_gossip.gossip`, plain torch) is shared as it is.
@@ -34,10 +34,21 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
-# The modules of lightning_gossip that import Lightning: the adapter layer. Everything else (lightning_gossip.gossip,
-# the algorithm) imports no Lightning and is shared unchanged. A module named here that does not exist (yet) is
-# skipped.
-ADAPTER_MODULES = ("strategy", "callbacks", "launchers", "checkpoint_io", "_lightning_compat", "fabric")
+# The modules of lightning_gossip that import Lightning, or import a module that does (the adapter core imports the
+# checkpoint code): the adapter layer. Everything else (lightning_gossip.gossip, the algorithm) imports no Lightning
+# and is shared unchanged; a standalone run imports no module of the unified package. A module named here that does
+# not exist (yet) is skipped.
+ADAPTER_MODULES = (
+    "strategy",
+    "callbacks",
+    "launchers",
+    "checkpoint_io",
+    "_lightning_compat",
+    "fabric",
+    "modes",
+    "trainer_modes",
+    "_adapter",
+)
 
 # Lightning's own renaming (lightning.pytorch -> pytorch_lightning, lightning.fabric -> lightning_fabric) and ours.
 _RENAMES = (

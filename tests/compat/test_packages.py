@@ -9,6 +9,7 @@ reaches no class of the unified package).
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,15 @@ pytestmark = pytest.mark.lightning_compat
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).parent / "scripts" / "fit_resume.py"
 STEPS_PER_EPOCH = 5  # 80 samples, 2 ranks, batch 8
+
+
+def _unified_adapters() -> set[str]:
+    import lightning_gossip.standalone as standalone
+
+    return {f"lightning_gossip.{name}" for name in standalone.ADAPTER_MODULES}
+
+
+_UNIFIED_ADAPTERS = _unified_adapters()
 
 
 def test_adapter_modules_are_built_for_pytorch_lightning_only():
@@ -41,6 +51,10 @@ def test_adapter_modules_are_built_for_pytorch_lightning_only():
         unified = sorted({getattr(v, "__module__", "") for v in vars(module).values()
                           if str(getattr(v, "__module__", "")).startswith("lightning.")})
         assert not unified, f"lightning_gossip.standalone.{name} reaches the unified package: {unified}"
+        # module objects too (`import lightning.pytorch as pl`, or an adapter module of the unified side)
+        modules = sorted(v.__name__ for v in vars(module).values() if isinstance(v, types.ModuleType)
+                         and (v.__name__.split(".")[0] == "lightning" or v.__name__ in _UNIFIED_ADAPTERS))
+        assert not modules, f"lightning_gossip.standalone.{name} holds modules of the unified side: {modules}"
     # the shipped strategy and the renamed one share the algorithm, not a copy of it
     import lightning_gossip.strategy as unified_strategy
     import lightning_gossip.standalone.strategy as renamed_strategy

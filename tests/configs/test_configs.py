@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_gossip  # noqa: F401  (registers the strategies)
-from lightning_gossip.app.train import instantiate_callbacks, instantiate_loggers
+from lightning_gossip.app.fit import instantiate_callbacks, instantiate_loggers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 try:
@@ -48,7 +48,7 @@ def test_groups_exist():
         assert options(group), f"conf/{group}/ is empty"
     assert {"digits", "synthetic", "image_folder"} <= set(options("data"))
     assert {"mlp", "cnn", "resnet20"} <= set(options("model"))
-    assert {"gossip", "gossip_spawn", "ddp", "local_sgd", "single"} <= set(options("strategy"))
+    assert {"gossip", "gossip_async", "gossip_spawn", "ddp", "local_sgd", "single"} <= set(options("strategy"))
 
 
 def test_default_config(tmp_path):
@@ -113,6 +113,9 @@ def test_strategy_configs(tmp_path, name):
     else:
         assert isinstance(strategy, lightning_gossip.GossipStrategy)
         assert strategy._start_method == ("spawn" if name == "gossip_spawn" else "popen")
+        assert strategy.options.asynchronous is (name == "gossip_async")
+        # the app shards the data itself, except in asynchronous mode, where the strategy shares it out
+        assert objs["trainer"]._accelerator_connector.use_distributed_sampler is (name == "gossip_async")
         if name == "local_sgd":
             assert strategy.p == 0.0 and strategy.options.average_every == cfg.strategy.average_every > 0
         if name == "gossip_outer":  # the registered name's settings, written once more for Hydra: kept in step
@@ -185,3 +188,77 @@ def test_tensorboard_is_skipped_with_a_warning_when_not_installed(tmp_path, monk
     with pytest.warns(UserWarning, match="logger 'tensorboard' skipped"):
         loggers = instantiate_loggers(cfg.logger)
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger"]
+
+
+# -- the asynchronous mode ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [["strategy=gossip_async"], ["strategy.asynchronous=true"],
+                                       ["strategy=gossip_spawn", "strategy.asynchronous=true"]])
+def test_asynchronous_mode_composes_and_shares_the_data_out(tmp_path, overrides):
+    """strategy=gossip_async, or a plain override of the schema's strategy.asynchronous (no `+`), on any gossip
+    config; the trainer then lets the strategy share the training data out (use_distributed_sampler follows)."""
+    from lightning_gossip.app.checks import check_config
+
+    cfg = compose_train(tmp_path, overrides)
+    assert cfg.strategy.asynchronous is True and cfg.trainer.use_distributed_sampler is True
+    check_config(cfg)
+    objs = instantiate_all(cfg)
+    assert objs["strategy"].options.asynchronous is True
+    assert objs["trainer"]._accelerator_connector.use_distributed_sampler is True
+    # and back: asynchronous=false is lock-step with the app's own equal shards
+    lock_step = compose_train(tmp_path, [*overrides, "strategy.asynchronous=false"])
+    assert lock_step.trainer.use_distributed_sampler is False
+    assert instantiate_all(lock_step)["strategy"].options.asynchronous is False
+
+
+def test_asynchronous_mode_with_static_shards_is_an_explicit_choice(tmp_path):
+    """trainer.use_distributed_sampler=false keeps each rank's (label-skewed) part: allowed, and nothing shares."""
+    from lightning_gossip.app.checks import check_config
+
+    cfg = compose_train(tmp_path, ["strategy=gossip_async", "trainer.use_distributed_sampler=false",
+                                   "data.split=label_skew"])
+    check_config(cfg)
+    assert instantiate_all(cfg)["trainer"]._accelerator_connector.use_distributed_sampler is False
+    # the configs without a strategy.asynchronous key keep the app's own shards
+    for name in ("ddp", "single"):
+        assert compose_train(tmp_path, [f"strategy={name}"]).trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+trainer.max_steps=10"], "trainer.max_steps=10: ranks count their own steps"),
+        (["+trainer.min_steps=5"], "trainer.min_steps=5: use trainer.min_epochs"),
+        (["+trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5: validation inside an epoch"),
+        (["+trainer.val_check_interval=20"], "trainer.val_check_interval=20: validation inside an epoch"),
+        (["trainer.check_val_every_n_epoch=null"], "trainer.check_val_every_n_epoch=null validates every N"),
+        (["+callbacks.model_checkpoint.every_n_train_steps=50"], "callbacks.model_checkpoint saves inside an epoch"),
+        (["+trainer.limit_train_batches=0.5"], "trainer.limit_train_batches=0.5: the training data is shared out"),
+        (["data.split=label_skew"], "data.split=label_skew: the training data is shared out dynamically"),
+    ],
+)
+def test_asynchronous_mode_refuses_what_it_cannot_do_before_any_worker(tmp_path, overrides, message):
+    from lightning_gossip.app.checks import ConfigError, check_config
+
+    for mode in (["strategy=gossip_async"], ["strategy.asynchronous=true"]):
+        cfg = compose_train(tmp_path, [*mode, *overrides])
+        with pytest.raises(ConfigError, match="Invalid config for asynchronous gossip") as info:
+            check_config(cfg)
+        assert message in str(info.value), str(info.value)
+    # the same settings are fine in lock-step
+    check_config(compose_train(tmp_path, overrides))
+
+
+def test_asynchronous_mode_allows_epoch_based_settings(tmp_path):
+    from lightning_gossip.app.checks import check_config
+
+    check_config(compose_train(tmp_path, ["strategy=gossip_async", "+trainer.fast_dev_run=true"]))  # the same batches
+    check_config(compose_train(tmp_path, ["strategy=gossip_async", "trainer=debug", "+trainer.max_time=00:00:01:00",
+                                          "+trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=2",
+                                          "trainer.limit_train_batches=1.0", "+trainer.max_steps=-1"]))
+
+
+def test_asynchronous_switch_must_be_a_bool(tmp_path):
+    from lightning_gossip.app.checks import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="strategy.asynchronous must be true or false, got 'yes'"):
+        check_config(compose_train(tmp_path, ["strategy.asynchronous='yes'"]))

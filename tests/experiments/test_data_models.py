@@ -78,7 +78,7 @@ def test_label_skew_digits_equal_steps_on_every_rank():
         assert len(idx) == len(labels) // world
         assert set(idx) <= set(dm.parts[r].tolist())
     # validation shards are disjoint and cover the validation set (no padding)
-    val = [dm.val_dataloader().dataset.indices for dm in dms]
+    val = [list(dm.val_dataloader().sampler) for dm in dms]
     assert sorted(sum(val, [])) == list(range(len(dms[0].val_set)))
 
 

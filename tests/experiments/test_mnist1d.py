@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("mnist1d")
 
-from lightning_gossip.app import data as data_mod  # noqa: E402
 from lightning_gossip.app.data import Mnist1dDataModule  # noqa: E402
+from lightning_gossip.app.mnist1d_cache import mnist1d_arrays  # noqa: E402
 from lightning_gossip.app.models import MLP, Conv1dNet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,10 +75,10 @@ def test_concurrent_writers_leave_one_whole_file(tmp_path):
 
 
 def test_corrupt_cache_is_regenerated(tmp_path):
-    a = data_mod._mnist1d_arrays(SMALL, 42, 0.8, str(tmp_path))
+    a = mnist1d_arrays(SMALL, 42, 0.8, str(tmp_path))
     (cached,) = tmp_path.glob("mnist1d-*.npz")
     cached.write_bytes(b"not an npz")
-    b = data_mod._mnist1d_arrays(SMALL, 42, 0.8, str(tmp_path))
+    b = mnist1d_arrays(SMALL, 42, 0.8, str(tmp_path))
     assert np.array_equal(a["x"], b["x"])
 
 
@@ -105,8 +105,8 @@ def test_sixteen_worker_shards(tmp_path, split):
         top_share = [np.bincount(labels[dm.parts[r]], minlength=10).max() / len(dm.parts[r])
                      for r, dm in enumerate(dms)]
         assert np.median(top_share) > 0.25  # skewed (IID would be ~0.1)
-    val = [set(dm._eval_shard(dm.val_set).indices) for dm in dms]
-    assert sum(len(v) for v in val) == len(dms[0].val_set)
+    val = [set(dm.val_dataloader().sampler) for dm in dms]
+    assert sum(len(v) for v in val) == len(set().union(*val)) == len(dms[0].val_set)  # disjoint, no padding
 
 
 def test_paper_models():

@@ -18,7 +18,7 @@ import torch
 
 import lightning_gossip
 from lightning_gossip.checkpoint_io import part_path
-from lightning_gossip.async_support import AsynchronousModeError
+from lightning_gossip.modes import AsynchronousModeError
 from tests.helpers.distributed import free_port
 from tests.helpers.processes import run_command, script_env
 
@@ -155,7 +155,7 @@ def test_settings_that_need_a_collective_per_step_are_refused_before_workers_sta
 def test_sync_dist_logging_on_step_is_refused_with_a_clear_error(tmp_path):
     run = _run(tmp_path, "--devices", "2", "--n", "64", "--step-seconds", "0", "--sync-dist-on-step", timeout=300)
     assert run.returncode != 0 and not run.survivors
-    assert "AsynchronousModeError" in run.output and "sync_dist=False on step" in run.output, run.output[-3000:]
+    assert "AsynchronousModeError" in run.output and "sync_dist=False inside the epoch" in run.output, run.output[-3000:]
 
 
 def test_registry_name_selects_the_asynchronous_mode():

@@ -9,9 +9,9 @@ itself off. CI runs this file on the newest Lightning and on the lowest that pyp
 - Overrides: every method the adapter classes mark ``@override`` must exist in a Lightning base class (a renamed
   Lightning hook would otherwise never be called).
 - Private attributes read at run time (``DDPStrategy._launcher``, ``._start_method``, ``._checkpoint_io`` ...).
-- The SIGTERM throttle: where Lightning runs a per-step SIGTERM broadcast, a real 2-process fit shows the strategy
-  throttles it (run every ``sigterm_sync_every`` steps, not every step); where Lightning has none (< 2.5), there is
-  nothing to throttle and the loop is left alone.
+- SIGTERM: where Lightning runs a per-step SIGTERM broadcast, a real 2-process fit shows the strategy replaced it by
+  its agreement every ``sigterm_sync_every`` steps; where Lightning has none (< 2.5), the agreement runs all the same.
+- The patches of the fit loop and of ModelCheckpoint's file names, on a real fit.
 """
 
 from __future__ import annotations
@@ -92,13 +92,18 @@ def check_training_epoch_loop(loop: Any) -> None:
 
 
 def check_update_dataloader(function: Any) -> None:
-    # async_support: the training DataLoader rebuilt with the work-sharing sampler, as Lightning does for its own.
+    # modes.py: the training DataLoader rebuilt with the work-sharing sampler, as Lightning and Fabric do for theirs,
+    # keeping a DataLoader subclass and its arguments.
     from torch.utils.data import DataLoader, SequentialSampler
 
-    has_params(function, "dataloader", "sampler", "mode")
-    loader = DataLoader(list(range(8)), batch_size=2)
+    class MyLoader(DataLoader):
+        pass
+
+    has_params(function, "dataloader", "sampler")
+    loader = MyLoader(list(range(8)), batch_size=2, drop_last=True)
     sampler = SequentialSampler(range(4))
-    assert function(loader, sampler).sampler is sampler
+    rebuilt = function(loader, sampler)
+    assert rebuilt.sampler is sampler and type(rebuilt) is MyLoader and rebuilt.drop_last and rebuilt.batch_size == 2
 
 
 # (module, private name) -> the check of the shape the code relies on
@@ -109,7 +114,7 @@ EXPECTED: dict[tuple[str, str], Callable[[Any], None]] = {
     ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"): check_multiprocessing_launcher,
     ("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher"): check_subprocess_launcher,
     ("lightning.pytorch.trainer.connectors.signal_connector", "_get_sigkill_signal"): check_sigkill_signal,
-    ("lightning.pytorch.utilities.data", "_update_dataloader"): check_update_dataloader,
+    ("lightning.fabric.utilities.data", "_update_dataloader"): check_update_dataloader,
 }
 
 
@@ -145,7 +150,8 @@ def test_private_name_has_the_shape_the_code_uses(module, name):
 
 def _adapter_classes() -> list[type]:
     modules = []
-    for name in ("strategy", "callbacks", "launchers", "checkpoint_io", "fabric", "_lightning_compat"):
+    for name in ("strategy", "callbacks", "launchers", "checkpoint_io", "fabric", "_lightning_compat", "modes",
+                 "trainer_modes"):
         if (PACKAGE / f"{name}.py").exists():
             modules.append(importlib.import_module(f"lightning_gossip.{name}"))
     return [cls for module in modules for cls in vars(module).values()
@@ -201,7 +207,7 @@ def test_private_attributes_read_at_run_time():
     assert isinstance(connector, connector_class) and connector.received_sigterm is False
     connector.received_sigterm = True
     assert trainer.received_sigterm is True  # the flag the fit loop checks is the connector's
-    # lightning_gossip.async_support refuses step- and time-based ModelCheckpoint in asynchronous mode, reads the
+    # lightning_gossip.trainer_modes refuses step- and time-based ModelCheckpoint in asynchronous mode, reads the
     # Timer's duration for max_time, and replaces the Timer's per-batch broadcast of rank 0's decision by its flag
     from datetime import timedelta
 
@@ -221,7 +227,7 @@ def test_private_attributes_read_at_run_time():
     assert callable(dist.distributed_c10d._get_default_store)
 
 
-def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_path):
+def test_sigterm_agreement_replaces_lightnings_per_step_broadcast_on_every_version(tmp_path):
     from lightning.pytorch.loops import training_epoch_loop
 
     per_step_broadcast = "broadcast(" in inspect.getsource(training_epoch_loop)
@@ -231,12 +237,73 @@ def test_sigterm_throttle_is_live_wherever_lightning_broadcasts_per_step(tmp_pat
     for rank in range(2):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["steps"] == 10
+        assert record["sigterm_broadcasts"] == 0  # Lightning's own (rank 0's flag, every step) never ran
+        # before steps 0, 3, 6, 9 of 10, and at the epoch's last batch: on every Lightning version
+        assert record["sigterm_agreements"] == 5, record
         if per_step_broadcast:
             assert record["loop_has_method"], "Lightning broadcasts SIGTERM per step under a new name: " \
-                                              "the throttle no longer finds _broadcast_sigterm_tensor"
+                                              "gossip no longer finds _broadcast_sigterm_tensor to replace"
             assert record["replaced_on_instance"]
-            # steps 0, 3, 6, 9 of 10, not all 10
-            assert record["sigterm_broadcasts"] == 4, record
         else:
             assert not record["loop_has_method"] and not record["replaced_on_instance"]
-            assert record["sigterm_broadcasts"] == 0
+
+
+class _Unsized(__import__("torch").utils.data.IterableDataset):
+    """12 batches an epoch, with no length: what Lightning sees of the asynchronous mode's work-sharing loader."""
+
+    def __iter__(self):
+        import torch
+
+        for i in range(12):
+            yield torch.full((2, 4), float(i))
+
+
+def test_patches_of_the_fit_loop_and_checkpoint_names_work_on_this_lightning(tmp_path):
+    """_lightning_compat's patches, on a real fit: Lightning counts the expected batches (estimated_stepping_batches,
+    the progress bar's total) but the epoch still ends where the data does; ModelCheckpoint names its files after
+    the agreed step. Fails on a Lightning release where one of them stops working."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_gossip._lightning_compat import (
+        agree_on_checkpoint_step,
+        expect_batches_per_epoch,
+        last_batch_of_epoch,
+    )
+
+    seen = {"estimate": None, "batches": [], "last": [], "total": None}
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            seen["batches"].append(batch_idx)
+            return self.layer(batch).sum()
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            seen["last"].append(last_batch_of_epoch(self.trainer))
+
+        def on_train_epoch_start(self):
+            seen["total"] = self.trainer.num_training_batches
+
+        def configure_optimizers(self):
+            seen["estimate"] = self.trainer.estimated_stepping_batches
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(_Unsized(), batch_size=None)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}-{step}")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoint])
+    expect_batches_per_epoch(trainer, lambda: 5)
+    agree_on_checkpoint_step(checkpoint, lambda: 99)
+    trainer.fit(Model())
+    assert seen["estimate"] == 10  # 5 expected batches x 2 epochs (unpatched: -1)
+    assert seen["total"] == 5  # the progress bar's total
+    assert seen["batches"] == list(range(12)) * 2  # ... yet every epoch ran to the end of its data
+    assert seen["last"] == ([False] * 11 + [True]) * 2
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=1-step=99.ckpt"]

@@ -58,14 +58,14 @@ def test_epoch_metrics_with_progress_bar_do_not_deadlock_and_distance_is_logged(
     assert "train/acc" in header
 
 
-class CountsSigtermBroadcasts(EpochMetricModule):
+class CountsSigtermAgreements(EpochMetricModule):
     def training_step(self, batch, batch_idx):
-        throttled = self.trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor
-        self.log("sigterm_broadcasts", float(throttled.broadcasts), on_step=True, on_epoch=False)
+        agreement = self.trainer.strategy.mode.sigterm
+        self.log("sigterm_agreements", float(agreement.syncs), on_step=True, on_epoch=False)
         return super().training_step(batch, batch_idx)
 
 
-def test_lightning_per_step_sigterm_broadcast_is_throttled():
+def test_sigterm_is_agreed_on_every_few_steps_not_every_step():
     torch.set_num_threads(1)
     strategy = lightning_gossip.GossipStrategy(
         p=0.5, start_method="fork", timeout=timedelta(seconds=60), sigterm_sync_every=3
@@ -74,14 +74,7 @@ def test_lightning_per_step_sigterm_broadcast_is_throttled():
         accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
         enable_progress_bar=False, enable_checkpointing=False,
     )  # fmt: skip
-    trainer.fit(CountsSigtermBroadcasts(), DataLoader(IndexedBlobs(n=64), batch_size=8))  # 4 steps per rank
-    # Lightning would broadcast before each of the 4 steps; throttled, only before steps 0 and 3. The value comes
-    # back from rank 0's last training step through callback_metrics.
-    assert trainer.callback_metrics["sigterm_broadcasts"].item() == 2.0
-
-
-def test_sigterm_sync_every_is_validated():
-    import pytest
-
-    with pytest.raises(ValueError, match="sigterm_sync_every must be None or an integer >= 1.*got 0"):
-        lightning_gossip.GossipStrategy(sigterm_sync_every=0)
+    trainer.fit(CountsSigtermAgreements(), DataLoader(IndexedBlobs(n=64), batch_size=8))  # 4 steps per rank
+    # Lightning would broadcast before each of the 4 steps; gossip agrees before steps 0 and 3 only (the value comes
+    # back from rank 0's last training step through callback_metrics; one more runs at the epoch's last batch).
+    assert trainer.callback_metrics["sigterm_agreements"].item() == 2.0

@@ -212,14 +212,14 @@ def test_missing_or_truncated_checkpoint_named_up_front(tmp_path: Path) -> None:
 
 
 def test_stale_temporary_files_of_dead_writers_removed_before_workers_start(tmp_path: Path) -> None:
-    from lightning_gossip.app.train import _remove_stale_temporary_files
+    from lightning_gossip.app.checkpoints import remove_stale_temporary_files
 
     cfg = _compose([f"hydra.run.dir={tmp_path}", f"paths.output_dir={tmp_path}"])
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / ".last.ckpt.4242.tmp").write_bytes(b"partial")
     (folder / "last.ckpt").write_bytes(b"kept")
-    _remove_stale_temporary_files(cfg)
+    remove_stale_temporary_files(cfg)
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
 
 
@@ -228,14 +228,14 @@ def test_failure_summary_names_the_killed_rank_before_those_that_lost_it() -> No
     race CI hit): the killed rank is the cause and is named first; ranks the agent stopped itself are listed apart."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from lightning_gossip.app.train import _failures
+    from lightning_gossip.app.failures import describe_failures
 
     def failure(rank: int, exitcode: int) -> ProcessFailure:
         return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="/nonexistent")
 
     lost_peer = {0: failure(0, 1), 1: failure(1, -int(signal.SIGKILL))}
-    assert _failures(lost_peer) == "rank 1: killed by SIGKILL, rank 0: exit code 1"
+    assert describe_failures(lost_peer) == "rank 1: killed by SIGKILL, rank 0: exit code 1"
     stopped = {0: failure(0, -int(signal.SIGTERM)), 1: failure(1, -int(signal.SIGKILL)), 2: failure(2, 1)}
-    assert _failures(stopped) == "rank 1: killed by SIGKILL, rank 2: exit code 1; stopped after it: rank 0"
-    assert _failures({3: failure(3, 2), 1: failure(1, 1)}) == "rank 1: exit code 1, rank 3: exit code 2"
-    assert _failures({0: failure(0, -int(signal.SIGTERM))}) == "rank 0: killed by SIGTERM"
+    assert describe_failures(stopped) == "rank 1: killed by SIGKILL, rank 2: exit code 1; stopped after it: rank 0"
+    assert describe_failures({3: failure(3, 2), 1: failure(1, 1)}) == "rank 1: exit code 1, rank 3: exit code 2"
+    assert describe_failures({0: failure(0, -int(signal.SIGTERM))}) == "rank 0: killed by SIGTERM"

@@ -100,3 +100,26 @@ def test_outer_options_are_held_resolved():
                                                                                                       False)
     assert isinstance(options.outer_lr, float) and options.replace(outer_every=None).outer_every is None
     assert GossipOptions(outer_every=8, overlap=True).staleness == 1  # pairings may land later (docs/outer.md)
+
+
+def test_asynchronous_refuses_a_periodic_global_average():
+    # Each asynchronous rank would call the global average at its own step count and wait for the others until the
+    # process-group timeout: refused once, here, for the averager, the Trainer and the Fabric strategy alike.
+    with pytest.raises(ValueError, match=r"asynchronous=True cannot take average_every=4"):
+        GossipOptions(asynchronous=True, average_every=4)
+    assert GossipOptions(average_every=4).mode == "lock-step"
+    assert GossipOptions(asynchronous=True).mode == "asynchronous"
+
+
+def test_verify_follows_the_environment_unless_given(monkeypatch):
+    monkeypatch.setenv("LIGHTNING_GOSSIP_VERIFY", "1")
+    assert GossipOptions().verify is True and GossipOptions(verify=False).verify is False
+    monkeypatch.setenv("LIGHTNING_GOSSIP_VERIFY", "0")
+    assert GossipOptions().verify is False and GossipOptions(verify=True).verify is True
+    monkeypatch.delenv("LIGHTNING_GOSSIP_VERIFY")
+    assert GossipOptions().verify is False
+    monkeypatch.setenv("LIGHTNING_GOSSIP_VERIFY", "maybe")
+    with pytest.raises(ValueError, match="LIGHTNING_GOSSIP_VERIFY must be one of .* got 'maybe'"):
+        GossipOptions()
+    with pytest.raises(TypeError, match="verify must be True or False, got 'yes'"):
+        GossipOptions(verify="yes")

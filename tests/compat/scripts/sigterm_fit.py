@@ -1,8 +1,9 @@
-"""Two ranks fit 10 steps with ``GossipStrategy(sigterm_sync_every=3)``; each writes what the SIGTERM throttle did.
+"""Two ranks fit 10 steps with ``GossipStrategy(sigterm_sync_every=3)``; each writes what happened to SIGTERM's sync.
 
 ``python sigterm_fit.py OUT`` (Lightning's popen launcher re-runs it for rank 1). Records, per rank, how many times
-Lightning's per-step SIGTERM broadcast really ran (counted at ``torch.distributed.broadcast`` as called from the
-training-epoch loop), and how many training steps there were.
+Lightning's own per-step SIGTERM broadcast ran (counted at ``torch.distributed.broadcast`` as called from the
+training-epoch loop: never, gossip replaced it), how many SIGTERM agreements gossip ran instead, and how many training
+steps there were.
 """
 
 import json
@@ -56,6 +57,7 @@ def main() -> None:
     record = {
         "steps": trainer.global_step,
         "sigterm_broadcasts": calls["sigterm_broadcasts"],
+        "sigterm_agreements": trainer.strategy.mode.sigterm.syncs,
         "loop_has_method": hasattr(type(loop), "_broadcast_sigterm_tensor"),
         "replaced_on_instance": "_broadcast_sigterm_tensor" in vars(loop),
     }

@@ -1,0 +1,107 @@
+"""Gossip's invariants, checked where they must hold (``GossipOptions(verify=True)`` or ``LIGHTNING_GOSSIP_VERIFY=1``).
+
+At every consistent cut (a quiescent point: the end of an epoch's work, evaluation, a checkpoint, a consensus, the
+end of a run) nothing is lost or created:
+
+* mass: the gossip weights of all ranks plus the weights of the messages received and not mixed in yet sum to 1
+  (float64 rounding; the weight is halved and added, never scaled);
+* messages: every message sent has been received (mixed in, rejected, or held as received-not-mixed);
+* coverage: with work sharing, every sample of a finished epoch was handed to exactly one rank;
+
+and around every look at the consensus (evaluation and checkpoints swap it in and back): the exact weighted mean is
+the same after the look as before it, so looking never moves training.
+
+A violation raises :class:`~lightning_gossip.gossip.errors.GossipInvariantError` naming the invariant, the values
+and the ranks, on every rank (the checks are collectives, or read the store, so every rank reaches the same verdict).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gossip.gossip.errors import GossipInvariantError, collective_guard
+from lightning_gossip.gossip.state import GossipState
+
+if TYPE_CHECKING:
+    from lightning_gossip.gossip.averager import GossipAverager
+
+# float64 sums of halved weights: exact but for the additions' rounding, far below this.
+MASS_TOLERANCE = 1e-9
+# The mean is recomputed from bit-identical weights; anything beyond float rounding is a lost or invented message.
+MEAN_TOLERANCE = 1e-6
+
+_WEIGHT, _IN_FLIGHT_WEIGHT, _SENT, _RECEIVED, _IN_FLIGHT = range(5)
+
+
+class InvariantChecker:
+    """The checks of one averager. Every method is a collective over the averager's group."""
+
+    def __init__(self, averager: GossipAverager) -> None:
+        self.averager = averager
+        self.checks = 0  # how many cuts were checked (tests read it to prove the checks ran)
+
+    def at_cut(self, what: str) -> None:
+        """Mass, messages and work-sharing coverage at a consistent cut named ``what``."""
+        averager = self.averager
+        in_flight = averager.exchange.in_flight_messages()
+        counters = averager.counters
+        mine = torch.tensor(
+            [
+                averager.state.weight,
+                sum(GossipState.read_header(message)[0] for message in in_flight),
+                counters.messages_sent,
+                counters.messages_received,
+                len(in_flight),
+            ],
+            dtype=torch.float64,
+            device=averager.state.device,
+        )
+        everyone = [torch.zeros_like(mine) for _ in range(averager.world_size)]
+        with collective_guard(f"the invariant check at {what}", averager.group):
+            dist.all_gather(everyone, mine, group=averager.group)
+        rows = [row.tolist() for row in everyone]
+        self.checks += 1
+        total = sum(row[_WEIGHT] + row[_IN_FLIGHT_WEIGHT] for row in rows)
+        if abs(total - averager.expected_mass) > MASS_TOLERANCE:
+            weights = ", ".join(f"rank {r}: {row[_WEIGHT]:.17g} (+{row[_IN_FLIGHT_WEIGHT]:.3g} received, not mixed)"
+                                for r, row in enumerate(rows))
+            raise GossipInvariantError(
+                "mass",
+                f"at {what} the gossip weights sum to {total:.17g}, not {averager.expected_mass:.17g} ({weights}): "
+                "gossip weight was lost or created.",
+                ranks=list(range(averager.world_size)),
+            )
+        sent = sum(int(row[_SENT]) for row in rows)
+        received = sum(int(row[_RECEIVED]) + int(row[_IN_FLIGHT]) for row in rows)
+        if sent != received:
+            per_rank = ", ".join(
+                f"rank {r}: sent {int(row[_SENT])}, received {int(row[_RECEIVED]) + int(row[_IN_FLIGHT])}"
+                for r, row in enumerate(rows)
+            )
+            raise GossipInvariantError(
+                "messages",
+                f"at {what} {sent} gossip messages were sent but {received} received ({per_rank}): a message is "
+                "still on the wire at what should be a consistent cut, or was lost.",
+                ranks=list(range(averager.world_size)),
+            )
+        from lightning_gossip.gossip.work_sharing import verify_finished_passes  # plain torch; avoids a cycle
+
+        verify_finished_passes()
+
+    def mean_unchanged(self, before: Tensor, what: str) -> None:
+        """The exact mean now equals ``before`` (taken before the look named ``what``)."""
+        after, _ = self.averager.exact_mean()
+        scale = 1.0 + float(before.abs().max()) if before.numel() else 1.0
+        drift = float((after - before).abs().max()) if before.numel() else 0.0
+        self.checks += 1
+        if drift > MEAN_TOLERANCE * scale:
+            raise GossipInvariantError(
+                "mean",
+                f"{what} moved the exact weighted mean of the ranks' models by up to {drift:.3g} per weight; looking at "
+                "the consensus must not change it (messages mixed in while the consensus was swapped in were lost?).",
+                ranks=[],
+            )
