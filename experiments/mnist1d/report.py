@@ -385,7 +385,7 @@ def outer_key(r: dict[str, Any]) -> tuple:
     """(M, method, H, outer lr, outer momentum, Nesterov, inner p) of an outer-sweep run (old runs: DiLoCo's 0.7/0.9)."""
     c = r["config"]
     return (r["world_size"], c["method"], c["period"], c.get("outer_lr", 0.7), c.get("outer_momentum", 0.9),
-            c.get("outer_nesterov", 1), c["p"] if c["method"] == "gossip_outer" else None)
+            c.get("outer_nesterov", 1), c["p"] if c["method"].startswith("gossip_outer") else None)
 
 
 def outer_label(k: tuple) -> str:
@@ -458,6 +458,23 @@ def outer(runs: Path, out: Path, sweep: str = "outer") -> None:
     write_table(out / sweep / "summary", ["M", "run", "seeds", "test acc at equal steps (1500)",
                                           "val acc at equal bytes (Local SGD H=8's total)", "MB sent / worker",
                                           "own models test acc (mean)"], rows)
+
+    # the order first implemented (each pair averages its models, then the outer step: NoLoCo's) against the order
+    # used now (the outer step, then each pair averages the new slow weights), at the same settings and seeds
+    first = defaultdict(list)
+    for r in load(runs, sweep.replace("outer", "outer_mix_first")):
+        first[outer_key(r)].append(r)
+    rows = []
+    for k in sorted(first, key=lambda k: (k[0], k[2], k[3])):
+        now = {r["config"]["seed"]: r["test_acc"] for r in g.get(k, [])}
+        then = {r["config"]["seed"]: r["test_acc"] for r in first[k]}
+        seeds = sorted(set(now) & set(then))
+        rows.append([k[0], k[2], f"{k[3]:g}", ",".join(map(str, seeds)) or "-", ms(then[s_] for s_ in seeds),
+                     ms(now[s_] for s_ in seeds)])
+    if rows:
+        write_table(out / sweep / "order", ["M", "H", "outer lr", "seeds (both)",
+                                            "mix, then outer step (first; NoLoCo's order)",
+                                            "outer step, then mix (now)"], rows)
 
     plt = _plt()
     fig, axes = plt.subplots(1, len(ms_), figsize=(5.5 * len(ms_), 4.2), squeeze=False)
