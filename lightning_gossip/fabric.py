@@ -46,7 +46,7 @@ from lightning_gossip._adapter import (
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
-from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
+from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.modes import LockStep, mode_for
 
@@ -422,7 +422,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                 start_method=start_method,
                 **extra,
             )
-        strategy_registry.register("gossip_outer", cls, description=OUTER_DESCRIPTION, **RECOMMENDED_OUTER)
+        for name, (description, settings) in OUTER_STRATEGIES.items():  # "gossip_outer", "gossip_outer_async"
+            strategy_registry.register(name, cls, description=description, **settings)
 
 
 def _shares_work(dataloader: Any) -> bool:

@@ -51,7 +51,7 @@ from lightning_gossip.checkpoint_io import (
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
-from lightning_gossip.gossip.outer import OUTER_DESCRIPTION, RECOMMENDED_OUTER
+from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
@@ -536,7 +536,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         strategy_registry.register(
             "gossip_async", cls, description="Asynchronous GoSGD gossip (no rank waits for another)", asynchronous=True
         )
-        strategy_registry.register("gossip_outer", cls, description=OUTER_DESCRIPTION, **RECOMMENDED_OUTER)
+        for name, (description, settings) in OUTER_STRATEGIES.items():  # "gossip_outer", "gossip_outer_async"
+            strategy_registry.register(name, cls, description=description, **settings)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.

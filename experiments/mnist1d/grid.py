@@ -44,7 +44,7 @@ from experiments.mnist1d.loop import REPO, RunConfig, launch
 RESULTS = REPO / "experiments" / "results" / "mnist1d"
 RUNS = RESULTS / "runs"
 EQUIV_P = (0.0, 0.01, 0.1, 0.5, 1.0)
-GOSSIP_METHODS = ("gossip", "gossip_async", "gossip_outer", "lightning_gossip")  # the methods with a p and a topology
+GOSSIP_METHODS = ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async", "lightning_gossip")  # the methods with a p and a topology
 OUTER_LRS = (0.1, 0.3, 0.7, 1.0)  # issue 18's tuning budget, the same for DiLoCo and the outer-momentum gossip
 OUTER_PERIODS = (8, 32)
 DEFAULT_OUTER = (0.7, 0.9, 1)  # DiLoCo's outer SGD (lr, momentum, Nesterov): runs with it keep their old names
@@ -56,10 +56,10 @@ def _name(cfg: RunConfig) -> str:
         parts.insert(1, cfg.model)
     if cfg.method in GOSSIP_METHODS:
         parts += [f"p{cfg.p:g}", cfg.topology]
-    if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco", "gossip_outer"):
+    if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco", "gossip_outer", "gossip_outer_async"):
         parts.append(f"H{cfg.period}")
     outer = (cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov)
-    if cfg.method == "gossip_outer" or (cfg.method == "torchft_diloco" and outer != DEFAULT_OUTER):
+    if cfg.method.startswith("gossip_outer") or (cfg.method == "torchft_diloco" and outer != DEFAULT_OUTER):
         parts.append(f"olr{cfg.outer_lr:g}")
         if outer[1:] != DEFAULT_OUTER[1:]:
             parts.append(f"om{cfg.outer_momentum:g}" + ("" if cfg.outer_nesterov else "hb"))
@@ -129,13 +129,22 @@ def runs_outer(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[
                 for s in seeds:
                     common = replace(base, workers=m, seed=s, period=period, outer_lr=lr)
                     for method in methods:
-                        out += [replace(common, method=method, p=p) for p in (ps if method == "gossip_outer" else (0.1,))]
+                        gossip_ps = ps if method.startswith("gossip_outer") else (0.1,)
+                        out += [replace(common, method=method, p=p) for p in gossip_ps]
     return out
+
+
+def runs_outer_async(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[float, ...] = (0.0,),
+                     lrs: tuple[float, ...] = (0.3,), periods: tuple[int, ...] = (8,),
+                     methods: tuple[str, ...] = ("gossip_outer_async",)) -> list[RunConfig]:
+    """The outer-momentum gossip in the asynchronous mode, at the lock-step mode's chosen setting by default (the
+    lock-step runs of the ``outer`` sweep are the comparison)."""
+    return runs_outer(base, workers, seeds, ps, lrs, periods, methods)
 
 
 SWEEPS: dict[str, Callable[..., list[RunConfig]]] = {
     "equivalence": runs_equivalence, "exploration": runs_exploration, "topology": runs_topology,
-    "peers": runs_peers, "asynchronous": runs_asynchronous, "outer": runs_outer,
+    "peers": runs_peers, "asynchronous": runs_asynchronous, "outer": runs_outer, "outer_async": runs_outer_async,
 }
 
 

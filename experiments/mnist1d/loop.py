@@ -14,6 +14,9 @@ evaluation are the same code for all of them:
   ``outer_momentum``, ``outer_nesterov``; docs/outer.md): every ``period`` steps a random pairing averages the
   models of each pair and every worker takes a Nesterov outer step from its slow weights; ``p`` is the plain gossip
   between outer steps (0: none).
+- ``gossip_outer_async``: the same in the asynchronous mode: every ``period`` of its own steps a worker takes its
+  outer step and pushes its new slow weights to a random peer, which mixes them in when they arrive (as
+  ``gossip_async``, the workers meet at every evaluation).
 - ``ddp``: torch's ``DistributedDataParallel`` (gradients all-reduced every step).
 - ``local_sgd``: torch's ``PeriodicModelAverager`` (``torch.distributed.algorithms.model_averaging``): Local SGD,
   parameters averaged every ``period`` steps. It skips parameters whose ``.grad`` is None, so it runs after
@@ -55,7 +58,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("gossip", "gossip_async", "gossip_outer", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
+METHODS = ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
 
 
 @dataclass
@@ -163,14 +166,14 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
     averager = None
     ft = None
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    gossip = cfg.method in ("gossip", "gossip_async", "gossip_outer")
+    gossip = cfg.method in ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async")
     if gossip:
         from lightning_gossip.gossip import GossipAverager
 
         outer = {"outer_every": cfg.period, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
-                 "outer_nesterov": bool(cfg.outer_nesterov)} if cfg.method == "gossip_outer" else {}
+                 "outer_nesterov": bool(cfg.outer_nesterov)} if cfg.method.startswith("gossip_outer") else {}
         averager = GossipAverager(net, p=cfg.p, topology=cfg.topology, seed=cfg.seed, mix_buffers=False,
-                                  asynchronous=cfg.method == "gossip_async", **outer)
+                                  asynchronous=cfg.method in ("gossip_async", "gossip_outer_async"), **outer)
     elif cfg.method == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

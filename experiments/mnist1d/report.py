@@ -522,6 +522,28 @@ def outer_cnn(runs: Path, out: Path) -> None:
     outer(runs, out, "outer_cnn")
 
 
+def outer_async(runs: Path, out: Path) -> None:
+    """The outer-momentum gossip asynchronously against lock-step, same M, H, outer lr and seeds (equal steps)."""
+    lockstep = defaultdict(dict)
+    for r in load(runs, "outer"):
+        c = r["config"]
+        if c["method"] == "gossip_outer":
+            lockstep[(r["world_size"], c["period"], c["outer_lr"], c["p"])][c["seed"]] = r["test_acc"]
+    asynchronous = defaultdict(dict)
+    for r in load(runs, "outer_async"):
+        c = r["config"]
+        asynchronous[(r["world_size"], c["period"], c["outer_lr"], c["p"])][c["seed"]] = r["test_acc"]
+    rows = []
+    for k in sorted(asynchronous):
+        seeds = sorted(set(asynchronous[k]) & set(lockstep.get(k, {})))
+        rows.append([k[0], k[1], f"{k[2]:g}", f"{k[3]:g}", ",".join(map(str, seeds)) or "-",
+                     ms(lockstep[k][s_] for s_ in seeds), ms(asynchronous[k][s_] for s_ in seeds)])
+    if rows:
+        write_table(out / "outer" / "async", ["M", "H", "outer lr", "p", "seeds (both)",
+                                              "lock-step test acc (1500 steps)", "asynchronous test acc (1500 steps)"],
+                    rows)
+
+
 def scale(runs: Path, out: Path) -> None:
     """Start-up time and peak RSS per worker of the hand-loop gossip runs, by number of worker processes."""
     results = [r for sweep in ("equivalence", "exploration", "topology") for r in load(runs, sweep)
@@ -557,7 +579,7 @@ def main() -> None:
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     sections = (equivalence, equivalence_cnn, exploration, exploration_cnn, topology, peers, peers_cnn, asynchronous,
-                outer, outer_cnn, scale)
+                outer, outer_cnn, outer_async, scale)
     if args.only:
         sections = tuple(s for s in sections if s.__name__ in args.only.split(","))
     for section in sections:

@@ -50,6 +50,7 @@ from lightning_gossip.gossip.topology import RandomPeer, resolve_topology
 _KIND_SLOT = 3
 _KIND_GOSSIP = 0.0
 _KIND_STOP = 1.0  # close(): the receiver thread ends after this message
+_RANDOM_PEER = RandomPeer()
 _TAG = 0
 _PROBE_TAG = 1  # failure diagnosis only; never received
 # The side group's own gloo timeout must never fire: a gloo wait that times out poisons every connection of the
@@ -101,6 +102,8 @@ class AsyncGossipExchange:
         self.topology = resolve_topology(getattr(source, "topology", topology) or RandomPeer())
         source_seed = getattr(source, "seed", seed)
         self._schedule = schedule  # its seed is read at every coin: a resume may set the checkpoint's seed on it
+        # The outer optimizer's schedule (outer.OuterSchedule) says at which steps this rank pushes after its outer step.
+        self._outer_step = getattr(schedule, "is_outer_step", None)
         self._seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
         self.on_nonfinite = getattr(options, "on_nonfinite", on_nonfinite)
         if self.on_nonfinite not in ("warn", "error"):
@@ -250,13 +253,22 @@ class AsyncGossipExchange:
             return
         self._check_receiver()
         self._check_sends()
+        if self._outer_step is not None and self._outer_step(step):
+            # The outer optimizer's push (outer.py), to a uniformly random peer as the lock-step pairing: packed
+            # before anything else is mixed in, while this rank's model still equals its new slow weights.
+            self._push(_RANDOM_PEER, step)
+            self._mix_arrived()
+            return
         self._mix_arrived()
         if self.p > 0.0 and uniform(self.seed, step, self.rank, _STREAM_SEND) < self.p:
-            if len(self._sends_in_flight) >= self.max_sends_in_flight:
-                self.counters.sends_skipped += 1
-                return
-            u = uniform(self.seed, step, self.rank, _STREAM_PEER)
-            self._send(self.topology.peer(self.rank, self.world_size, step, u))
+            self._push(self.topology, step)
+
+    def _push(self, topology: Any, step: int) -> None:
+        if len(self._sends_in_flight) >= self.max_sends_in_flight:
+            self.counters.sends_skipped += 1
+            return
+        u = uniform(self.seed, step, self.rank, _STREAM_PEER)
+        self._send(topology.peer(self.rank, self.world_size, step, u))
 
     def _send(self, destination: int) -> None:
         # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
@@ -280,7 +292,8 @@ class AsyncGossipExchange:
             buffer.copy_(self._staging)  # synchronous: the host buffer is complete before the send is posted
         else:
             self.state.pack(buffer, seq, self.rank)
-        self._header(buffer)[_KIND_SLOT] = kind
+        if kind != _KIND_GOSSIP:  # a gossip message keeps what the state wrote there (outer.py marks its payload)
+            self._header(buffer)[_KIND_SLOT] = kind
 
     def _post(self, buffer: Tensor, destination: int, what: str) -> None:
         assert self._side is not None

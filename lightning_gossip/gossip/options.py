@@ -140,11 +140,6 @@ def _check_asynchronous(given: GossipOptions, resolved: dict[str, Any]) -> None:
             "(the consensus is still exact at every quiescent point: each epoch's end, evaluation, checkpoints and "
             "the end of fit), or use the lock-step mode for Gossip-PGA / Local SGD."
         )
-    if resolved["outer_every"] is not None:
-        raise ValueError(
-            f"outer_every={resolved['outer_every']} is not available in the asynchronous mode yet "
-            "(asynchronous=True); use the lock-step mode."
-        )
 
 
 def resolve_verify(value: Any) -> bool:

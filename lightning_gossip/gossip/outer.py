@@ -15,7 +15,8 @@ outer step. Here, with ``outer_every=H``, every H-th step (after that optimizer 
 
 A pairing message is the sender's model right after its outer step, where it equals the sender's slow weights, so
 the receiver mixes it into its model *and* its slow weights with the same sum-weight share (:class:`OuterGossipState`),
-whenever it is mixed in (at once, or K steps later with ``staleness=K``): the model's exact consensus
+whenever it is mixed in (at once, K steps later with ``staleness=K``, or when it arrives in the asynchronous mode,
+where every rank pushes to a random peer right after each of its own outer steps): the model's exact consensus
 sum_i a_i theta_i and the slow weights' sum_i a_i phi_i are both conserved by every such mix; gossip moves neither,
 only the inner and outer steps do. sum_i a_i = 1 as in plain gossip. With ``p = 0`` pairs of equal weights keep
 equal weights, every a_i stays 1/M, and the means of (phi, b) follow DiLoCo's outer optimizer exactly (with the mean
@@ -38,14 +39,22 @@ from torch import Tensor, nn
 from lightning_gossip.gossip.schedule import GossipSchedule, StepPlan, uniform_all_ranks
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 
-# The registered strategy name "gossip_outer" (Trainer and Fabric) and conf/strategy/gossip_outer.yaml: no gossip
-# between outer steps, the settings the MNIST-1D tuning chose (experiments/results/mnist1d/README.md, docs/outer.md).
+# The registered strategy names (Trainer and Fabric) and conf/strategy/gossip_outer*.yaml: no gossip between outer
+# steps, the settings the MNIST-1D tuning chose (experiments/results/mnist1d/README.md, docs/outer.md).
 RECOMMENDED_OUTER: dict[str, Any] = {"p": 0.0, "outer_every": 8, "outer_lr": 0.3, "outer_momentum": 0.9,
                                      "outer_nesterov": True}
-OUTER_DESCRIPTION = (
-    "Gossip with an outer optimizer: every 8 steps a random pairing averages models, then a Nesterov outer step "
-    "from each rank's slow weights (DiLoCo without an all-reduce)"
-)
+OUTER_STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gossip_outer": (
+        "Gossip with DiLoCo's outer step and no all-reduce: every 8 steps a Nesterov outer step from each rank's "
+        "slow weights, then a random pairing averages them",
+        RECOMMENDED_OUTER,
+    ),
+    "gossip_outer_async": (
+        "The same, asynchronous: every 8 of its own steps a rank takes its outer step and pushes its slow weights "
+        "to a random peer, which mixes them in when they arrive",
+        {**RECOMMENDED_OUTER, "asynchronous": True},
+    ),
+}
 
 # The pairing's own stream of draws (the lock-step schedule uses streams 0 and 1 for its coins and peers).
 STREAM_PAIRING = 2
@@ -127,33 +136,95 @@ def outer_update_(
     torch._foreach_copy_(theta, slow)
 
 
-class OuterGossipState(GossipState):
-    """A :class:`GossipState` whose mixing rule also moves the slow weights when the message is an outer-step one.
+# Header slot 3 of a message (reserved in GossipState's layout; the asynchronous exchange's "kind", where 0 is gossip
+# and 1 its stop message): 2 marks a payload that equals its sender's slow weights.
+HEADER_KIND_SLOT = 3
+PAYLOAD_IS_SLOW = 2.0
 
-    A message posted at an outer step holds its sender's model right after the outer step, where it equals the
-    sender's slow weights, so one payload stands for both: x <- lerp(x, x_s, w) for the model and
-    phi <- lerp(phi, x_s, w) for the slow weights (the parameters' part of the payload), with the same w. The
-    a-weighted sums of the models and of the slow weights are then each conserved by the mix. A message of the plain
-    gossip between outer steps (``p > 0``) holds a model away from its sender's slow weights and is mixed into the
-    model only (the model's consensus is conserved; the slow weights stay per-rank state, whose weighted mean moves
-    with the weights).
+
+def _sum64(tensors: Sequence[Tensor]) -> float:
+    """sum of every element, in float64: the linear functional L the slow-weight ledger tracks."""
+    return float(torch.stack([t.sum(dtype=torch.float64) for t in tensors]).sum()) if len(tensors) else 0.0
+
+
+class SlowWeightLedger:
+    """What the invariant checker (``verify``) needs to check the slow weights' exact consensus at every cut.
+
+    Let C = sum_i a_i L(phi_i) + sum over marked messages received and not mixed in of w L(x) (L: the sum of all
+    elements; its quotient by the same weights is the exact consensus of phi). Marked messages move weight and slow
+    weights together, so gossip conserves C; only local events change it, and each rank records them here in
+    ``moved``: its outer steps (a_i (L(phi') - L(phi))), unmarked sends and receives (weight moved without slow
+    weights: -w L(phi_sender), +w L(phi_receiver)), rejected messages (+w L(phi)) and the transfer dtype's rounding
+    of a marked payload. At a cut the checker tests sum_i C_i - sum_i base_i == sum_i moved_i, which a lost message,
+    a mix into the model but not the slow weights or a wrong share breaks; then base_i <- C_i, moved_i <- 0.
+    """
+
+    def __init__(self) -> None:
+        self.base: Optional[float] = None  # None: re-based at the next cut (after a restart or a resume)
+        self.moved = 0.0
+
+
+class OuterGossipState(GossipState):
+    """A :class:`GossipState` whose messages can stand for the sender's slow weights as well as its model.
+
+    A rank right after its outer step holds theta = phi (bit for bit), so the model it sends then is also its slow
+    weights: :meth:`pack` marks such a message, and :meth:`mix` mixes a marked message into the model *and* the slow
+    weights (the parameters' part of the payload) with the same share, x <- lerp(x, x_s, w), phi <- lerp(phi, x_s, w).
+    The a-weighted sums of the models and of the slow weights are then each conserved by every mix, whenever it
+    happens. An unmarked message (plain gossip between outer steps, ``p > 0``) is mixed into the model only: the
+    models' sum is conserved, the slow weights stay per-rank state whose weighted mean moves with the weights.
     """
 
     slow: Sequence[Tensor] = ()  # set by OuterOptimizer.for_module: the parameters' slow weights, in state order
-    every: int = 0  # H; a message whose header step t has (t + 1) % H == 0 was posted right after an outer step
+    ledger: Optional[SlowWeightLedger] = None  # set with ``verify`` (OuterOptimizer.for_module)
+
+    def pack(self, message: Tensor, step: int, sender: int) -> Tensor:
+        super().pack(message, step, sender)
+        marked = bool(self.slow) and all(torch.equal(t, s) for t, s in zip(self.tensors, self.slow))
+        if marked:
+            self.header(message)[HEADER_KIND_SLOT] = PAYLOAD_IS_SLOW
+        if self.ledger is not None:  # the message holds the weight self.weight (halved already)
+            own = self.weight * _sum64(self.slow)
+            # marked: only the transfer dtype's rounding of phi moves C; unmarked: the weight leaves without phi
+            self.ledger.moved += (self.weight * self.payload_slow_sum(message) - own) if marked else -own
+        return message
 
     def mix(self, message: Tensor, sender_weight: float) -> None:
         share = sender_weight / (self.weight + sender_weight)
         super().mix(message, sender_weight)
-        if self.slow and self.carries_slow_weights(message):
+        if self.slow and carries_slow_weights(message):
             payload = self.payload(message)
             if payload.dtype != self.work_dtype:
                 payload = payload.to(self.work_dtype)
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.slow), self._views(payload)[: len(self.slow)], share)
+        elif self.ledger is not None:  # weight arrived without slow weights
+            self.ledger.moved += sender_weight * _sum64(self.slow)
 
-    def carries_slow_weights(self, message: Tensor) -> bool:
-        return self.every > 0 and (self.read_header(message)[1] + 1) % self.every == 0
+    def absorb_weight(self, sender_weight: float) -> None:
+        super().absorb_weight(sender_weight)
+        if self.ledger is not None:  # a rejected (non-finite) message: its weight joins, its values do not
+            self.ledger.moved += sender_weight * _sum64(self.slow)
+
+    def payload_slow_sum(self, message: Tensor) -> float:
+        """L of the slow-weight part of a message's payload (as it would be mixed in: in the working dtype)."""
+        views = self._views(self.payload(message))[: len(self.slow)]
+        return _sum64([v.to(self.work_dtype) for v in views])
+
+    def slow_contribution(self, in_flight: Sequence[Tensor]) -> tuple[float, float]:
+        """(C_i, a scale for its float rounding): a_i L(phi_i) plus w L(x) of every marked message held unmixed."""
+        total = self.weight * _sum64(self.slow)
+        scale = self.weight * _sum64([s.abs() for s in self.slow])
+        for message in in_flight:
+            if carries_slow_weights(message):
+                weight = GossipState.read_header(message)[0]
+                total += weight * self.payload_slow_sum(message)
+        return total, scale
+
+
+def carries_slow_weights(message: Tensor) -> bool:
+    """Whether ``message`` was packed when its sender's model equalled its slow weights (right after an outer step)."""
+    return float(message[: 8 * (HEADER_KIND_SLOT + 1)].view(torch.float64)[HEADER_KIND_SLOT]) == PAYLOAD_IS_SLOW
 
 
 class OuterOptimizer:
@@ -172,6 +243,8 @@ class OuterOptimizer:
         with torch.no_grad():
             self.slow = [p.detach().clone() for p in self.params]
             self.buffer = [torch.zeros_like(p) for p in self.params]
+        self.ledger: Optional[SlowWeightLedger] = None  # with ``verify``: the checker's record (SlowWeightLedger)
+        self.state: Optional[GossipState] = None  # whose weight a_i scales the ledger's record of an outer step
 
     @classmethod
     def for_module(
@@ -184,7 +257,11 @@ class OuterOptimizer:
         params = gossiped_tensors(module, include_buffers=False)
         outer = cls(params, options.outer_every, options.outer_lr, options.outer_momentum, options.outer_nesterov)
         if isinstance(state, OuterGossipState):
-            state.slow, state.every = outer.slow, outer.every
+            state.slow = outer.slow
+            if getattr(options, "verify", False):
+                outer.ledger = state.ledger = SlowWeightLedger()
+                outer.state = state
+                outer.ledger.base = state.weight * _sum64(outer.slow)  # nothing is in flight at the start
         return outer
 
     def due(self, steps_taken: int) -> bool:
@@ -192,13 +269,22 @@ class OuterOptimizer:
         return steps_taken % self.every == 0
 
     def step(self) -> None:
+        before = _sum64(self.slow) if self.ledger is not None else 0.0
         outer_update_(self.params, self.slow, self.buffer, self.lr, self.momentum, self.nesterov)
+        if self.ledger is not None and self.state is not None:
+            self.ledger.moved += self.state.weight * (_sum64(self.slow) - before)
 
     @torch.no_grad()
     def restart(self) -> None:
         """Slow weights = the current model, momentum zero (a fresh start, e.g. onto another number of workers)."""
         torch._foreach_copy_(self.slow, self.params)
         torch._foreach_zero_(self.buffer)
+        self.rebase()
+
+    def rebase(self) -> None:
+        """The slow weights were set from outside gossip (restart, resume): the checker's next cut starts afresh."""
+        if self.ledger is not None:
+            self.ledger.base, self.ledger.moved = None, 0.0
 
     @torch.no_grad()
     def consensus_(self, weight: float, group: Optional[dist.ProcessGroup], on_nonfinite: str = "warn") -> None:
@@ -213,6 +299,7 @@ class OuterOptimizer:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rebase()
         numel = sum(p.numel() for p in self.params)
         for key, tensors in (("slow", self.slow), ("momentum", self.buffer)):
             flat = state[key]

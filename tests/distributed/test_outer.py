@@ -244,3 +244,115 @@ def test_stale_pairings_conserve_the_weighted_models_and_slow_weights():
     trained on since; the sum-weight mix into both model and slow weights leaves both weighted sums unchanged."""
     for worst, mixes in run_distributed(_stale_pairings_conserve, 4, 4, 2, 18):
         assert mixes >= 3 and worst < 1e-5, (worst, mixes)
+
+
+def _asynchronous_accounting(rank, world_size, every):
+    """Asynchronous mode, ranks of different speeds and step counts: every local change to a_i theta_i and
+    a_i phi_i (inner steps, outer steps) is recorded; at quiescence the sums over ranks must have moved by exactly
+    the recorded changes, i.e. the pushes, mixed whenever they arrived, moved neither sum."""
+    import time
+
+    model = _model()
+    averager = GossipAverager(model, p=0.0, seed=2, outer_every=every, asynchronous=True, mix_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outer = averager.outer
+
+    def theta() -> torch.Tensor:
+        return _flat(outer.params).double()
+
+    def phi() -> torch.Tensor:
+        return _flat(outer.slow).double()
+
+    start = torch.cat([averager.weight * theta(), averager.weight * phi()])
+    moved = torch.zeros_like(start)
+    n = start.numel() // 2
+    outer_step = outer.step
+
+    def recorded_outer_step() -> None:
+        a, t0, p0 = averager.weight, theta(), phi()
+        outer_step()
+        moved[:n] += a * (theta() - t0)
+        moved[n:] += a * (phi() - p0)
+
+    outer.step = recorded_outer_step
+    for batch in _batches(rank, 20 + 3 * rank):
+        t0 = theta()
+        _train_step(model, opt, batch)
+        moved[:n] += averager.weight * (theta() - t0)
+        averager.step()
+        time.sleep(0.003 * rank)  # ranks of different speeds: pushes land mid-round, at any step
+    averager.finish()
+    assert averager.verifier is not None and averager.verifier.checks >= 1  # the slow-weight ledger was checked
+    end = torch.cat([averager.weight * theta(), averager.weight * phi()])
+    totals = torch.cat([start, end, moved, torch.tensor([averager.weight], dtype=torch.float64)])
+    dist.all_reduce(totals)
+    received = averager.counters.messages_received
+    averager.end(consensus=False)
+    s, e, m = totals[: 2 * n], totals[2 * n: 4 * n], totals[4 * n: 6 * n]
+    return float(((e - s) - m).abs().max()), float(totals[-1]), received
+
+
+def test_asynchronous_pushes_conserve_the_weighted_models_and_slow_weights():
+    results = run_distributed(_asynchronous_accounting, 3, 4)
+    for error, mass, _ in results:
+        assert error < 1e-5 and abs(mass - 1.0) < 1e-12, (error, mass)
+    assert sum(received for _, _, received in results) >= 5
+
+
+def _asynchronous_checker_and_resume(rank, world_size, every):
+    """The invariant checker's slow-weight check in the asynchronous mode: it passes at a cut of a sound run, and
+    names "slow weights" on every rank when one rank mixes marked messages into its model only. A checkpoint taken at
+    a cut restores theta, phi, the outer momentum and a_i bit for bit into a fresh averager, whose next cut checks."""
+    import time
+
+    from lightning_gossip.gossip.errors import GossipInvariantError
+    from lightning_gossip.gossip.state import GossipState
+
+    model = _model()
+    averager = GossipAverager(model, p=0.0, seed=3, outer_every=every, asynchronous=True, mix_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def run(steps):
+        for batch in _batches(rank, steps):
+            _train_step(model, opt, batch)
+            averager.step()
+            time.sleep(0.002 * rank)
+
+    run(12 + 2 * rank)
+    state = averager.checkpoint_state_dict()  # a cut: the checker runs here
+    checks = averager.verifier.checks
+    saved = (_flat(averager.outer.params), _flat(averager.outer.slow), _flat(averager.outer.buffer), averager.weight)
+    blob = _save({"gossip": state, "model": model.state_dict()})
+    resumed_model = _model()
+    resumed = GossipAverager(resumed_model, p=0.0, seed=3, outer_every=every, asynchronous=True, mix_buffers=False,
+                             broadcast=False)
+    loaded = torch.load(io.BytesIO(blob), weights_only=False)
+    resumed_model.load_state_dict(loaded["model"])
+    resumed.load_state_dict(loaded["gossip"])
+    exact = (torch.equal(_flat(resumed.outer.params), saved[0]) and torch.equal(_flat(resumed.outer.slow), saved[1])
+             and torch.equal(_flat(resumed.outer.buffer), saved[2]) and resumed.weight == saved[3])
+    resumed.cut("the resumed run's first cut")  # re-bases the ledger (a resume sets phi from outside gossip)
+    averager.end(consensus=False)
+    # the resumed run trains on, then one rank drops the slow-weight half of every marked mix
+    model, averager, opt = resumed_model, resumed, torch.optim.SGD(resumed_model.parameters(), lr=0.1)
+    run(10)
+    averager.cut("a sound cut")
+    if rank == 1:
+        averager.state.mix = lambda message, weight: GossipState.mix(averager.state, message, weight)
+    run(12)
+    caught = None
+    try:
+        averager.cut("a cut after a broken mix")
+    except GossipInvariantError as error:
+        caught = (error.invariant, str(error))
+    received = averager.counters.messages_received
+    averager.exchange.close()
+    return checks, exact, caught, received
+
+
+def test_asynchronous_checker_checks_the_slow_weights_and_resume_restores_the_outer_state():
+    results = run_distributed(_asynchronous_checker_and_resume, 3, 2, timeout=240)
+    assert sum(received for *_, received in results) >= 3
+    for checks, exact, caught, _ in results:
+        assert checks >= 1 and exact
+        assert caught is not None and caught[0] == "slow weights" and "not into the slow weights" in caught[1], caught

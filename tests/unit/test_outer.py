@@ -171,21 +171,24 @@ def test_outer_optimizer_state_round_trip_restart_and_size_check():
     assert [outer.due(k) for k in range(1, 9)] == [False, False, False, True] * 2
 
 
-def test_outer_gossip_state_mixes_outer_step_messages_into_the_slow_weights_too():
-    """The receiver's model and slow weights both move by the sender's share; only messages posted at an outer step
-    (the sender's model then equals its slow weights) touch the slow weights. The weighted sums are conserved."""
-    from lightning_gossip.gossip.outer import OuterGossipState
-    from lightning_gossip.gossip.state import GossipState
+def test_outer_gossip_state_marks_and_mixes_slow_weight_messages_into_the_slow_weights_too():
+    """A message packed while the sender's model equals its slow weights (right after an outer step) is marked, and the
+    receiver's model and slow weights both move by the sender's share: both weighted sums are conserved. A message of
+    a model away from its slow weights (plain gossip between outer steps) moves the receiver's model only."""
+    from lightning_gossip.gossip.outer import OuterGossipState, carries_slow_weights
 
     params = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
     buffers = [torch.tensor([10.0])]
     state = OuterGossipState(params + buffers, 0.25)
     slow = [torch.tensor([0.0, 0.0]), torch.tensor([1.0])]
-    state.slow, state.every = slow, 4
-    sender = GossipState([torch.tensor([5.0, 6.0]), torch.tensor([7.0]), torch.tensor([20.0])], 0.5)
+    state.slow = slow
+    sender_params = [torch.tensor([5.0, 6.0]), torch.tensor([7.0])]
+    sender = OuterGossipState(sender_params + [torch.tensor([20.0])], 0.5)
+    sender.slow = [t.clone() for t in sender_params]  # right after its outer step: theta = phi
     before = (0.25 * torch.tensor([1.0, 2.0, 3.0]) + 0.5 * torch.tensor([5.0, 6.0, 7.0]),
               0.25 * torch.tensor([0.0, 0.0, 1.0]) + 0.5 * torch.tensor([5.0, 6.0, 7.0]))
-    message = sender.pack(sender.new_message(), step=7, sender=1)  # (7 + 1) % 4 == 0: an outer-step message
+    message = sender.pack(sender.new_message(), step=7, sender=1)
+    assert carries_slow_weights(message)
     state.mix(message, 0.5)
     assert state.weight == 0.75
     theta = torch.cat([params[0], params[1]])
@@ -193,7 +196,9 @@ def test_outer_gossip_state_mixes_outer_step_messages_into_the_slow_weights_too(
     torch.testing.assert_close(theta, before[0] / 0.75)
     torch.testing.assert_close(phi, before[1] / 0.75)  # sum a phi conserved: the payload stood for the sender's phi
     torch.testing.assert_close(buffers[0], torch.tensor([50.0 / 3]))
-    inner = sender.pack(sender.new_message(), step=5, sender=1)  # plain gossip between outer steps
+    sender_params[0].add_(1.0)  # the sender trained on: its model is away from its slow weights
+    inner = sender.pack(sender.new_message(), step=9, sender=1)
+    assert not carries_slow_weights(inner)
     kept = phi.clone()
     state.mix(inner, 0.5)
     assert torch.equal(torch.cat([slow[0], slow[1]]), kept) and state.weight == 1.25
