@@ -65,7 +65,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
     ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
     ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``outer_every``, ``outer_lr``, ``outer_momentum``,
-    ``outer_nesterov``, ``verify``; see the README's option table), checked once by
+    ``outer_nesterov``, ``verify``; see docs/options.md), checked once by
     :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
     (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
     per-step SIGTERM broadcast.

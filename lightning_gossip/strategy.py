@@ -87,11 +87,11 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: at the end of ``fit``, put the exact average on every rank.
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
-        asynchronous: GoSGD as published: no rank waits for another during an epoch (see the README).
+        asynchronous: GoSGD as published: no rank waits for another during an epoch (see docs/modes/asynchronous.md).
         outer_every: the outer optimizer (docs/outer.md): every this many steps every rank takes a Nesterov outer
             step (``outer_lr``, ``outer_momentum``, ``outer_nesterov``) from its slow weights, as DiLoCo does, then
             the ranks pair up at random and each pair averages its new slow weights (no all-reduce). ``None``: off.
-            The registered name ``"gossip_outer"`` has the recommended settings.
+            The registered names ``"gossip_outer"`` and ``"gossip_outer_async"`` have the recommended settings.
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
             consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.

@@ -121,6 +121,12 @@ class TrainerAsynchronous(TrainerLockStep, Asynchronous):
             )
         if trainer.fit_loop.min_steps:
             problems.append(f"Trainer(min_steps={trainer.fit_loop.min_steps}): use min_epochs")
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float) and limit != 1.0 and not fast_dev_run:
+            problems.append(
+                f"Trainer(limit_train_batches={limit!r}): a fraction of an epoch whose share per rank follows the "
+                "ranks' speeds has no length to take it of; give an int (that many batches on every rank) or 1.0"
+            )
         interval = trainer.val_check_interval
         if isinstance(interval, int) or (isinstance(interval, float) and interval != 1.0):
             problems.append(

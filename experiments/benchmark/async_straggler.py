@@ -11,7 +11,7 @@ gossip: >= 85% with one worker 2x slower; the ideal is (M - 1 + 1/k) / M = 87.5%
     python -m experiments.benchmark.async_straggler --quick --out /tmp/smoke      # seconds, for the smoke test
 
 Not measured here by the helper that wrote it (a shared, loaded 2-core machine): run it on an idle machine. The
-100 Mbit/s rows of the issue need network namespaces (experiments/benchmark/netns.py) and are not in this suite.
+100 Mbit/s rows of the issue need network namespaces (lightning_gossip/bench/netns.py) and are not in this suite.
 """
 
 from __future__ import annotations

@@ -5,10 +5,6 @@ Plain torch only (no Lightning), so the harness can evaluate the workers' snapsh
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import time
 from typing import Any, Sequence
 
 import torch
@@ -74,41 +70,3 @@ def weighted_consensus(flats: Sequence[torch.Tensor], weights: Sequence[float]) 
     for flat, weight in zip(flats, weights):
         acc.add_(flat.to(torch.float64), alpha=weight)
     return acc.div_(total).to(torch.float32)
-
-
-def machine_stamp() -> dict[str, Any]:
-    """Where and when the numbers were taken: printed on every table and plot."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    return {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "loadavg_1min_at_start": round(load, 2),
-    }
-
-
-def stamp_line(stamp: dict[str, Any]) -> str:
-    return f"{stamp['cpu_model']} x{stamp['nproc']} cores · torch {stamp['torch']} · {stamp['date']}"
-
-
-def dump_json(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=float)
-    os.replace(tmp, path)

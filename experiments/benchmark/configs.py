@@ -109,25 +109,12 @@ def full_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor
     return mode
 
 
-def quick_mode(workers: int, netns_ok: bool, rates: list[float], straggler_factor: float, smoke: bool) -> Mode:
-    if smoke:
-        mode = Mode("smoke", workers, steps=200, warmup=10, snapshot_every=50, batch_size=16, lr=0.05,
-                    model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10)
-        mode.scenarios.append(Scenario("loopback", None, [FLOOR, GOSSIP_P0, DDP, gossip(0.5), nosync(GOSSIP_P0)]))
-        return mode
-    mode = Mode("quick", workers, steps=150, warmup=10, snapshot_every=25, batch_size=32, lr=0.05,
-                model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10, repeats=3)
-    configs = [
-        FLOOR, GOSSIP_P0, DDP, local_sgd(mode.local_sgd_h),
-        gossip(0.5), gossip(0.5, overlap=True), gossip(0.5, dtype="bfloat16"), gossip(0.5, per_tensor=True),
-        gossip(0.1, overlap=True),
-        nosync(GOSSIP_P0), nosync(gossip(0.5)), nosync(gossip(0.5, overlap=True)), nosync(gossip(0.5, staleness=4)),
-    ]
-    mode.scenarios.append(Scenario("loopback", None, configs))
-    if netns_ok:  # only when asked for (--network netns|auto in quick mode)
-        for rate in rates:
-            mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, [FLOOR, DDP, gossip(0.5), gossip(0.5, overlap=True)],
-                                           netns=True))
+def smoke_mode(workers: int) -> Mode:
+    """The smallest run (what tests/benchmark runs): loopback, a tiny model. (The quick CI benchmark is the packaged
+    ``python -m lightning_gossip.bench --config experiments/benchmark/quick.yaml``.)"""
+    mode = Mode("smoke", workers, steps=200, warmup=10, snapshot_every=50, batch_size=16, lr=0.05,
+                model=MODEL_QUICK, data=DATA_QUICK, local_sgd_h=10)
+    mode.scenarios.append(Scenario("loopback", None, [FLOOR, GOSSIP_P0, DDP, gossip(0.5), nosync(GOSSIP_P0)]))
     return mode
 
 

@@ -42,10 +42,10 @@ from experiments.benchmark.common import (
     make_data,
     make_model,
     num_params,
-    stamp_line,
     weighted_consensus,
 )
 from experiments.benchmark.configs import OUTER_ROWS, scenario_repeats
+from lightning_gossip.bench.results import stamp_line
 
 SCHEMA = "lightning-gossip-benchmark/1"
 ROW_KEYS = (

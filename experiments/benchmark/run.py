@@ -1,13 +1,13 @@
 """Gossip against DDP, local SGD and single-process training, side by side in one invocation.
 
     python -m experiments.benchmark                     # full mode: 4 workers, ~1M-param MLP, loopback + namespaces
-    python -m experiments.benchmark --quick             # CI: 2 workers, tiny model, loopback, ~1-2 minutes
+    python -m experiments.benchmark --quick             # CI: the packaged lightning_gossip.bench on quick.yaml
     python -m experiments.benchmark --quick --compare experiments/results/benchmark/quick/baseline.json
 
 Workers are launched the way torchrun launches them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, GROUP_RANK, TORCHELASTIC_RUN_ID in the environment), one process per rank, each running the
 Lightning script :mod:`experiments.benchmark.worker`. For a bandwidth-limited network each worker gets its own Linux
-network namespace, joined by veth pairs to a bridge and limited with ``tc`` (:mod:`experiments.benchmark.netns`);
+network namespace, joined by veth pairs to a bridge and limited with ``tc`` (:mod:`lightning_gossip.bench.netns`);
 where that is not possible (not root, no iproute2, not Linux) the harness says why and runs on loopback only.
 Results: JSON, a markdown table and PNG plots (:mod:`experiments.benchmark.report`).
 """
@@ -17,31 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Optional
 
-from experiments.benchmark import netns
-from experiments.benchmark.common import dump_json, machine_stamp, num_params
+from experiments.benchmark.common import num_params
 from experiments.benchmark.configs import (
     SUITES,
     Mode,
     Scenario,
     full_mode,
     overhead_suite,
-    quick_mode,
     scenario_repeats,
+    smoke_mode,
     straggler_suite,
     tta_suite,
 )
+from lightning_gossip.bench import netns
+from lightning_gossip.bench.launch import launch as launch_workers
+from lightning_gossip.bench.results import dump_json, machine_stamp
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(REPO, "experiments", "results", "benchmark")
+# The quick CI benchmark: the packaged `python -m lightning_gossip.bench` on the project's model, as a user runs it.
+QUICK_CONFIG = os.path.join(REPO, "experiments", "benchmark", "quick.yaml")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -52,93 +54,18 @@ def log(msg: str) -> None:
     print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _terminate(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    """Stop the workers this harness started (each leads its own process group)."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.time() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-
-
 def launch(network: Any, world_size: int, plan: dict, out_dir: str, log_dir: str, label: str, timeout: float) -> None:
     """Run the plan on ``world_size`` worker processes, torchrun-style; raise if any fails or time runs out."""
-    os.makedirs(out_dir, exist_ok=True)
-    os.makedirs(log_dir, exist_ok=True)
-    plan_path = os.path.join(out_dir, "plan.json")
-    with open(plan_path, "w") as f:
-        json.dump(plan, f)
-    one_node_per_worker = isinstance(network, netns.Network)  # like `torchrun --nnodes M --nproc-per-node 1`
-    port = 20000 + secrets.randbelow(20000) if one_node_per_worker else netns.free_port()
-    procs: list[subprocess.Popen] = []
-    logs = []
-    try:
-        for rank in range(world_size):
-            env = dict(os.environ)
-            env.update(
-                OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]),
-                PYTHONWARNINGS="ignore",
-                BENCH_IFNAME=network.IFNAME,
-            )
-            if world_size > 1:
-                local_world = 1 if one_node_per_worker else world_size
-                env.update(
-                    MASTER_ADDR=network.master_addr,
-                    MASTER_PORT=str(port),
-                    RANK=str(rank),
-                    WORLD_SIZE=str(world_size),
-                    LOCAL_RANK=str(0 if one_node_per_worker else rank),
-                    LOCAL_WORLD_SIZE=str(local_world),
-                    GROUP_RANK=str(rank if one_node_per_worker else 0),
-                    GROUP_WORLD_SIZE=str(world_size // local_world),
-                    ROLE_RANK=str(rank),
-                    ROLE_WORLD_SIZE=str(world_size),
-                    TORCHELASTIC_RUN_ID=f"lgbench-{label}",
-                    GLOO_SOCKET_IFNAME=network.IFNAME,
-                )
-            cmd = network.wrap(rank, [sys.executable, "-m", "experiments.benchmark.worker", "--plan", plan_path,
-                                      "--out", out_dir])
-            logf = open(os.path.join(log_dir, f"{label}_rank{rank}.log"), "w")
-            logs.append(logf)
-            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        deadline = time.time() + timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"worker rank {failed[0]} of {label} exited with {codes[failed[0]]}; "
-                                   f"see {os.path.join(log_dir, f'{label}_rank{failed[0]}.log')}")
-            if all(c == 0 for c in codes):
-                return
-            if time.time() > deadline:
-                raise TimeoutError(f"{label} did not finish within {timeout:.0f} s")
-            time.sleep(0.25)
-    finally:
-        _terminate(procs)
-        for f in logs:
-            f.close()
+    launch_workers(network, world_size, plan, out_dir, log_dir, label, timeout,
+                   worker_module="experiments.benchmark.worker", cwd=REPO, pythonpath=[REPO])
 
 
-def choose_network(network: str, quick: bool) -> tuple[bool, str]:
+def choose_network(network: str, smoke: bool) -> tuple[bool, str]:
     """Whether to build namespaces: ``auto`` does in full mode when it can, and says why not when it cannot."""
     if network == "loopback":
         return False, "loopback asked for (--network loopback)"
-    if quick and network == "auto":
-        return False, "quick mode runs on loopback (add --network netns for namespaces)"
+    if smoke and network == "auto":
+        return False, "the smoke run is on loopback"
     ok, reason = netns.probe()
     if not ok:
         if network == "netns":
@@ -172,9 +99,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # Ctrl-C and SIGTERM both unwind through the try/finally blocks, which stop workers and delete namespaces.
     signal.signal(signal.SIGTERM, _interrupt)
     rates = [float(r) for r in args.rates.split(",") if r]
-    netns_ok, reason = choose_network(args.network, args.quick)
-    if args.quick or args.smoke:
-        mode = quick_mode(args.workers or 2, netns_ok, rates, args.straggler, smoke=args.smoke)
+    netns_ok, reason = choose_network(args.network, args.smoke)
+    if args.smoke:
+        mode = smoke_mode(args.workers or 2)
     elif args.suite == "overhead":
         mode = overhead_suite(args.workers or 4)
     elif args.suite == "straggler":
@@ -267,8 +194,11 @@ def _print_log_tails(log_dir: str, label: str, lines: int = 30) -> None:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI mode: 2 workers, tiny model, loopback")
-    parser.add_argument("--smoke", action="store_true", help="the smallest quick run (what the pytest smoke runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick CI benchmark: `python -m lightning_gossip.bench --config "
+                             "experiments/benchmark/quick.yaml` (takes --out, --compare, --no-plots)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest run of this harness (what the pytest smoke "
+                                                             "runs)")
     parser.add_argument("--suite", choices=SUITES, default="full",
                         help="full: everything at 4 workers; overhead: p=0/overlap cost vs the floor (3 repeats); "
                              "straggler: lock-step vs a straggler with emulated compute; tta: time to target on the "
@@ -276,7 +206,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--network", choices=("auto", "netns", "loopback"), default="auto",
                         help="auto: namespaces if possible (full mode only), else loopback with a message")
     parser.add_argument("--rates", default="1000,100", help="link rates in Mbit/s for the namespace scenarios")
-    parser.add_argument("--workers", type=int, default=None, help="number of workers (default 4, quick 2)")
+    parser.add_argument("--workers", type=int, default=None, help="number of workers (default 4, smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of steps per run")
     parser.add_argument("--straggler", type=float, default=2.0, help="k: the straggler is k times slower")
     parser.add_argument("--only", default=None, help="comma-separated config names to keep (plus floor, ddp)")
@@ -314,10 +244,29 @@ def rewrite_report(path: str) -> dict:
     return results
 
 
+def run_quick(args: argparse.Namespace) -> int:
+    """``--quick``: the packaged benchmark on the project's model, through the command a user runs on theirs."""
+    from lightning_gossip.bench.cli import main as bench_main
+
+    others = [name for name in ("only", "scenarios", "steps", "report_only", "workers")
+              if getattr(args, name) is not None] + (["smoke"] if args.smoke else [])
+    if others or args.suite != "full":
+        raise SystemExit(f"--quick runs {os.path.relpath(QUICK_CONFIG, REPO)} through `python -m "
+                         f"lightning_gossip.bench`; it takes --out, --compare and --no-plots, not "
+                         f"{', '.join('--' + o.replace('_', '-') for o in others) or '--suite'}")
+    bench_args = ["--config", QUICK_CONFIG, "--out", args.out or os.path.join(DEFAULT_OUT, "quick")]
+    if args.compare:
+        bench_args += ["--compare", args.compare]
+    if args.no_plots:
+        bench_args.append("--no-plots")
+    log("python -m lightning_gossip.bench " + " ".join(bench_args))
+    return bench_main(bench_args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        args.quick = True
+    if args.quick:
+        return run_quick(args)
     results = rewrite_report(args.report_only) if args.report_only else run_benchmark(args)
     if args.compare:
         from experiments.benchmark import report

@@ -558,6 +558,10 @@ class AsyncGossipExchange:
         self._staging = None
         if not self._failed and self._completer is not None:
             self._send_queue.put(None)  # every send completed: the completion thread ends
+            # ... and is joined: until it returns it holds the last send's gloo work. Left running, it could drop that
+            # after the caller's dist.destroy_process_group() (the usual next line), which now and then aborted the
+            # process ("terminate called without an active exception", examples/torch_loop.py under torchrun).
+            self._completer.join(self.timeout.total_seconds())
         with self._cond:
             self._free_send = []
             self._free_receive = []

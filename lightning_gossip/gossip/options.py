@@ -33,7 +33,7 @@ VERIFY_ENV = "LIGHTNING_GOSSIP_VERIFY"
 
 @dataclass(frozen=True)
 class GossipOptions:
-    """The settings of GoSGD gossip (see the README's option table).
+    """The settings of GoSGD gossip (see the documentation's options page, docs/options.md).
 
     Args:
         p: probability that a rank pushes its weights after a step, in [0, 1].

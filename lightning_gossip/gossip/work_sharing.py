@@ -51,7 +51,8 @@ class WorkSharingSampler(Sampler[int]):
         seed: must be the same on every rank.
         store: a ``torch.distributed.Store`` shared by all ranks (default: the default process group's store,
             looked up when iteration starts, so the sampler can be built before the process group exists).
-        world_size, rank: this rank and the number of ranks (default: the default process group's).
+        world_size: the number of ranks (default: the default process group's).
+        rank: this rank (default: the default process group's).
         key_prefix: the store keys' prefix (several samplers in one run need different ones).
         stop: asked before each claim; when it returns True this rank's epoch ends early (every rank should see the
             same stop, e.g. a flag in the store, so that the epoch ends for all).

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from experiments.benchmark import netns, report
-from experiments.benchmark.configs import full_mode, quick_mode
+from experiments.benchmark import report
+from experiments.benchmark.configs import full_mode, smoke_mode
+from lightning_gossip.bench import netns
 from tests.helpers.processes import run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,15 +113,15 @@ def test_network_fallback_is_loopback_with_a_message(monkeypatch, capsys):
     from experiments.benchmark import run
 
     monkeypatch.setattr(netns, "probe", lambda: (False, "not running as root"))
-    ok, reason = run.choose_network("auto", quick=False)
+    ok, reason = run.choose_network("auto", smoke=False)
     assert not ok and reason == "not running as root"
     assert "plain loopback" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        run.choose_network("netns", quick=False)
+        run.choose_network("netns", smoke=False)
     mode = full_mode(4, False, [1000, 100], 2.0)
     assert mode.scenarios and not any(s.netns for s in mode.scenarios)
     assert any(s.netns for s in full_mode(4, True, [1000, 100], 2.0).scenarios)
-    assert not any(s.netns for s in quick_mode(2, False, [100], 2.0, smoke=False).scenarios)
+    assert not any(s.netns for s in smoke_mode(2).scenarios)
 
 
 def test_tbf_burst_fits_a_gso_packet():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from datetime import timedelta
 
@@ -264,7 +265,7 @@ def _run_tolerating_lost_rank(fn, world_size, *args):
     return results
 
 
-# -- through the averager: the hand-written training loop of the README ---------------------------------------------
+# -- through the averager: the hand-written training loop of the docs -----------------------------------------------
 def _averager_loop(rank, world_size, steps_by_rank):
     from lightning_gossip.gossip import GossipAverager
 
@@ -284,16 +285,18 @@ def _averager_loop(rank, world_size, steps_by_rank):
         pass
     gossip.end()  # drain, exact consensus on every rank, close
     flat = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    return flat, gossip.weight, gossip.step_count, distance, gossip.exchange.receiver_alive
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("gossip-async")]
+    return flat, gossip.weight, gossip.step_count, distance, gossip.exchange.receiver_alive, threads
 
 
 def test_averager_with_asynchronous_true_allows_different_step_counts_and_ends_in_consensus():
     steps = [40, 25, 60]
     results = run_distributed(_averager_loop, 3, steps)
-    for flat, weight, step_count, distance, alive in results:
+    for flat, weight, step_count, distance, alive, threads in results:
         assert torch.equal(flat, results[0][0])
         assert weight == pytest.approx(1 / 3, abs=1e-15)
         assert not alive  # end() stopped the receiver thread
+        assert not threads  # ... and the send-completion thread: nothing of gossip outlives end()
         assert distance > 0
     assert [r[2] for r in results] == steps
 

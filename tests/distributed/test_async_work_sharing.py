@@ -92,7 +92,7 @@ def test_single_process_with_its_own_store_uses_everything_once():
 
 
 def _readme_loop(rank, world_size, n, epochs):
-    """The README's hand-written asynchronous loop, with random per-rank delays."""
+    """The documentation's hand-written asynchronous loop (docs/plain-torch.md), with random per-rank delays."""
     from torch import nn
 
     from lightning_gossip.gossip import GossipAverager

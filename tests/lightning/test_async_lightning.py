@@ -136,6 +136,7 @@ def test_max_time_stops_every_rank_at_the_same_epoch_end(tmp_path):
         (dict(val_check_interval=0.5), "val_check_interval=0.5"),
         (dict(check_val_every_n_epoch=None, val_check_interval=5), "val_check_interval=5"),
         (dict(callbacks=[L.pytorch.callbacks.ModelCheckpoint(every_n_train_steps=5)]), "every_n_train_steps"),
+        (dict(limit_train_batches=0.5), "limit_train_batches=0.5"),
     ],
 )
 def test_settings_that_need_a_collective_per_step_are_refused_before_workers_start(trainer_kwargs, message):

@@ -139,6 +139,26 @@ def test_installed_wheel_runs_the_app_from_an_empty_directory(installed_wheel, t
     assert "p: 0.5" in proc.stdout and "topology: ring" in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.wheel
+@pytest.mark.timeout(1500)
+def test_installed_wheel_benchmarks_someone_elses_model_with_one_command(installed_wheel, tmp_path):
+    """The console script from the wheel, a model from another project (on PYTHONPATH only), from an empty folder."""
+    bench = installed_wheel.parent / "lightning-gossip-bench"
+    assert bench.exists(), "the wheel installs no lightning-gossip-bench console script"
+    work = tmp_path / "empty"
+    work.mkdir()
+    user_project = REPO / "tests" / "bench" / "user_project"
+    args = ["--model", "acme_models.tiny:BlobClassifier", "--datamodule", "acme_models.tiny:Blobs", "--strategies",
+            "ddp,gossip", "--workers", "2", "--steps", "12", "--metric", "val_acc", "--out", "out"]
+    run = run_command([str(bench), *args], timeout=600, env=clean_env(PYTHONPATH=str(user_project)), cwd=work)
+    assert run.returncode == 0, run.output[-8000:]
+    assert not run.survivors, f"processes left behind: {run.survivors}"
+    rows = json.loads((work / "out" / "results.json").read_text())["rows"]
+    assert [(r["strategy"], r["status"]) for r in rows] == [("ddp", "ok"), ("gossip", "ok")]
+    assert "final val_acc" in run.output
+
+
 def test_ci_tests_the_lowest_lightning_that_pyproject_allows():
     import re
 
@@ -155,3 +175,4 @@ def test_ci_tests_the_lowest_lightning_that_pyproject_allows():
 
     assert normalise(tested) == normalise(lower), f"pyproject allows {spec!r} but CI tests lightning=={tested}"
     assert '-m "lightning_compat and not slow and not soak"' in ci and "pytest -m wheel" in ci
+    assert "python -m lightning_gossip.bench --config experiments/benchmark/quick.yaml --compare" in ci

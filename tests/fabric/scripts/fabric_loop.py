@@ -110,7 +110,7 @@ def main() -> None:
         record["own_after_load"] = vector(model)
         record["gossip_step_after_load"] = fabric.strategy.gossip_step
         epoch("epoch2")
-    fabric.strategy.end()  # as the README asks after the loop: messages home, the receivers of gossip_async stopped
+    fabric.strategy.end()  # as the docs ask after the loop: messages home, the receivers of gossip_async stopped
     torch.save(record, os.path.join(args.out, f"{args.phase}_rank{fabric.global_rank}.pt"))
 
 
