@@ -48,7 +48,7 @@ from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
-from lightning_gossip.modes import LockStep, mode_for
+from lightning_gossip.modes import LockStep, mode_for, refuse_peer_loss_survival
 
 
 class _NothingToSkip:
@@ -100,6 +100,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         verify: Optional[bool] = None,
+        on_peer_loss: Literal["fail"] = "fail",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -129,6 +130,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             outer_nesterov=outer_nesterov,
             verify=verify,
         )
+        refuse_peer_loss_survival(on_peer_loss, "GossipFabricStrategy")
         check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,

@@ -34,6 +34,35 @@ class AsynchronousModeError(ValueError):
     """A setting that needs every rank at the same training step, refused in asynchronous mode."""
 
 
+# Why the strategies refuse on_peer_loss="continue" (the plain-torch averager supports it; see
+# lightning_gossip.gossip.survival and docs/reliability.md for what the adapters would need).
+WHY_NO_PEER_LOSS_SURVIVAL = {
+    "GossipStrategy": (
+        "the Trainer runs collectives over every rank of the original world that the gossip algorithm does not own: "
+        "barriers and broadcasts of its checkpoint callbacks and loops, self.log(sync_dist=True), torchmetrics' "
+        "process groups, and the strategy's SIGTERM agreement; each would wait for the lost rank or fail"
+    ),
+    "GossipFabricStrategy": (
+        "Fabric's barrier(), all_reduce()/broadcast() in the training script and the checkpoint save (per-rank "
+        "parts written together) are collectives over every rank of the original world, which would wait for the "
+        "lost rank or fail; and a SIGKILLed worker makes Fabric's launcher end the others"
+    ),
+}
+
+
+def refuse_peer_loss_survival(on_peer_loss: Any, adapter: str) -> None:
+    """Raise a clear error for ``on_peer_loss="continue"`` under a Lightning strategy (before any worker starts);
+    a value that is neither "fail" nor "continue" gets GossipOptions' error naming the allowed values."""
+    GossipOptions(asynchronous=True, on_peer_loss=on_peer_loss)  # validates the value itself
+    if on_peer_loss == "continue":
+        raise ValueError(
+            f"{adapter}(on_peer_loss='continue') is not supported: {WHY_NO_PEER_LOSS_SURVIVAL[adapter]}. Surviving a "
+            "lost peer works with the plain-torch GossipAverager(asynchronous=True, on_peer_loss='continue') and a "
+            "WorkSharingSampler(survivors=averager.survivors); under Lightning keep on_peer_loss='fail' (the run stops "
+            "naming the lost rank and can restart from its last checkpoint)."
+        )
+
+
 class LockStep:
     """Lock-step gossip: ranks pair up by step number, so every rank keeps its equal-length shard."""
 

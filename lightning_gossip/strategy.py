@@ -55,6 +55,7 @@ from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
+from lightning_gossip.modes import refuse_peer_loss_survival
 from lightning_gossip.trainer_modes import TrainerLockStep, trainer_mode_for
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             The registered names ``"gossip_outer"`` and ``"gossip_outer_async"`` have the recommended settings.
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
             consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
+        on_peer_loss: only ``"fail"`` (a lost peer stops every rank with a ``GossipPeerError`` naming it). Surviving
+            a lost peer (``"continue"``) is for the plain-torch averager only; the Trainer's own collectives over
+            every rank would not survive it (see docs/reliability.md).
         monitor: add a :class:`~lightning_gossip.callbacks.GossipMonitor` (logs ``gossip/...``) if none is present.
         sigterm_sync_every: Lightning (>= 2.5) broadcasts rank 0's SIGTERM flag before every training step, a
             global synchronisation that ties every rank to every other each step and, on slow links, queues behind
@@ -139,6 +143,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         verify: Optional[bool] = None,
+        on_peer_loss: Literal["fail"] = "fail",
         monitor: bool = True,
         sigterm_sync_every: Optional[int] = 50,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -170,6 +175,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             outer_nesterov=outer_nesterov,
             verify=verify,
         )
+        refuse_peer_loss_survival(on_peer_loss, "GossipStrategy")
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
         check_timeout(timeout)

@@ -37,6 +37,7 @@ from lightning_gossip.gossip.outer import OuterGossipState, OuterOptimizer, Oute
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 from lightning_gossip.gossip.step_board import StepBoard
+from lightning_gossip.gossip.survival import PeerLossReport, Survivors, ViewChanged
 from lightning_gossip.gossip.topology import validate_topology
 
 ExchangeFactory = Callable[[GossipState, GossipOptions, Optional[dist.ProcessGroup], GossipSchedule], Exchange]
@@ -125,12 +126,16 @@ class GossipAverager:
         #: (work sharing, stop flags, the step board), so a second run in the same process never meets the first's.
         self.run_id = check_same_model_on_all_ranks(module, options.mix_buffers, group)
         self.scope = f"lightning_gossip/run/{self.run_id}"
-        self.board = StepBoard(self.scope, self.rank)
         self.exchange: Exchange = (exchange or exchange_for(options))(self.state, options, group, self.schedule)
+        #: The membership of the run with ``on_peer_loss="continue"`` (who is alive, the report of what was lost), or
+        #: None: then a lost peer ends the run.
+        self.survivors: Optional[Survivors] = getattr(self.exchange, "survivors", None)
+        # After a loss, the default store client may be held up by a group being built (see survival.py): the
+        # survivors' own client serves the board too.
+        self.board = StepBoard(self.scope, self.rank,
+                               store=self.survivors.store() if self.survivors is not None else None)
         if hasattr(self.exchange, "board"):
             self.exchange.board = self.board
-        #: What the gossip weights of all ranks (and of the messages in flight) sum to.
-        self.expected_mass = 1.0
         self.verifier: Optional[InvariantChecker] = InvariantChecker(self) if options.verify else None
         self._step = 0
         self.outer: Optional[OuterOptimizer] = None
@@ -147,6 +152,22 @@ class GossipAverager:
     @property
     def counters(self) -> GossipCounters:
         return self.exchange.counters
+
+    @property
+    def expected_mass(self) -> float:
+        """What the gossip weights of all ranks (and of the messages in flight) sum to at a consistent cut: 1, less
+        the weight that lost peers took with them (``on_peer_loss="continue"``)."""
+        return 1.0 - self.loss_report.weight_lost if self.survivors is not None else 1.0
+
+    @property
+    def loss_report(self) -> PeerLossReport:
+        """The peers lost in this run and what was lost with them (empty unless ``on_peer_loss="continue"``)."""
+        return self.survivors.report if self.survivors is not None else PeerLossReport()
+
+    @property
+    def alive_ranks(self) -> list[int]:
+        """The ranks of the gossip group believed alive (every rank unless a peer was lost)."""
+        return list(self.survivors.alive) if self.survivors is not None else list(range(self.world_size))
 
     @property
     def step_count(self) -> int:
@@ -199,13 +220,47 @@ class GossipAverager:
         if self.world_size == 1:
             return
         self.enter_collective(what)
+        if self.survivors is not None:
+            self._cut_among_survivors(what)
+            return
         self.exchange.cut()
         if self.verifier is not None:
             self.verifier.at_cut(what)
 
+    def _cut_among_survivors(self, what: str) -> None:
+        """A consistent cut of the survivors (quiescence through the store), with the invariant checks run over
+        exactly its members; a peer lost during the checks means a new cut."""
+        assert self.survivors is not None
+        while True:
+            self.exchange.cut()
+            if self.verifier is None:
+                return
+            try:
+                self.survivors.run(f"the invariant check at {what}", lambda group: self.verifier.at_cut(  # type: ignore[union-attr]
+                    what, group, self.exchange.cut_members), members=self.exchange.cut_members)
+                return
+            except ViewChanged:
+                continue
+
+    def _at_cut(self, what: str, fn: Callable[[Optional[dist.ProcessGroup]], Any]) -> Any:
+        """``fn(group)`` (collectives of the averager) at a consistent cut, as one unit: with survivors, a peer lost
+        during it means a new cut (which accounts for the loss) and ``fn`` again, over the new survivors."""
+        if self.survivors is None:
+            self.cut(what)
+            return fn(self.group)
+        while True:
+            self.cut(what)
+            try:
+                return self.survivors.run(what, fn, members=self.exchange.cut_members)
+            except ViewChanged:
+                continue
+
     def finish(self) -> None:
         """Bring every message in flight home and mix it in, so every rank's weight is back in its own a_i."""
         if self.world_size > 1:
+            if self.survivors is not None:
+                self.cut("finish() (every gossip message brought home)")
+                return
             self.enter_collective("finish() (every gossip message brought home)")
             self.exchange.drain()
             if self.verifier is not None:
@@ -218,6 +273,13 @@ class GossipAverager:
         A collective: every rank must call it. The averager stays usable (for evaluation, or more steps).
         """
         if self.world_size == 1:
+            return
+        if self.survivors is not None:
+            if self.options.final_consensus if consensus is None else consensus:
+                self.consensus_()
+            else:
+                self.finish()
+            self.exchange.close()
             return
         if self.exchange.equal_steps:
             # Before draining: a rank that took fewer steps would otherwise wait for messages never sent.
@@ -263,22 +325,46 @@ class GossipAverager:
         Taken at a consistent cut (:meth:`cut`): in asynchronous mode messages still on the wire are brought home
         first, since no rank can count them there.
         """
+        if self.survivors is not None:
+            return self._at_cut("the exact consensus (weighted mean)", self._exact_mean)
         self.cut("the exact consensus (weighted mean)")
         return self.exact_mean()
 
     def exact_mean(self) -> tuple[torch.Tensor, float]:
         """The weighted mean of what every rank holds now (its weights and the messages it received and has not
-        mixed in) and sum_i a_i: the exact consensus at a consistent cut (call :meth:`cut` first). A collective."""
+        mixed in) and sum_i a_i: the exact consensus at a consistent cut (call :meth:`cut` first). A collective.
+
+        With ``on_peer_loss="continue"`` it runs over the members of the last cut and raises
+        :class:`~lightning_gossip.gossip.survival.ViewChanged` if one was lost since (:meth:`weighted_mean` takes a new
+        cut and tries again by itself).
+        """
+        if self.survivors is not None:
+            return self.survivors.run("the exact consensus (weighted mean)", self._exact_mean,
+                                      members=self.exchange.cut_members)
+        return self._exact_mean(self.group)
+
+    def _exact_mean(self, group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, float]:
         return self.state.weighted_mean(
-            group=self.group, in_flight=self.exchange.in_flight_messages(), on_nonfinite=self.options.on_nonfinite
+            group=group, in_flight=self.exchange.in_flight_messages(), on_nonfinite=self.options.on_nonfinite
         )
 
     @torch.no_grad()
     def consensus_(self) -> float:
         """Put the exact weighted average on every rank and reset a_i = 1/M; returns the pre-average distance.
 
-        A collective: every rank must call it.
+        A collective: every rank must call it. With ``on_peer_loss="continue"``, over the survivors: each takes
+        a_i = (their total) / (their number), so the weight the lost peers took stays lost.
         """
+        if self.survivors is not None:
+            def average(group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, float, float, int]:
+                mean, total = self.state.weighted_mean(group=group, on_nonfinite=self.options.on_nonfinite)
+                return mean, total, self.state.consensus_distance(mean, group), dist.get_world_size(group)
+
+            mean, total, distance, members = self._at_cut("consensus_() (the exact average on every rank)", average)
+            self.state.load_flat(mean)
+            self.state.weight = total / members
+            self.exchange.weights_reset(self.state.weight, self.exchange.cut_members)
+            return distance
         self.finish()
         mean, total = self.state.weighted_mean(group=self.group, on_nonfinite=self.options.on_nonfinite)
         distance = self.state.consensus_distance(mean, self.group)
@@ -290,7 +376,10 @@ class GossipAverager:
 
     @torch.no_grad()
     def consensus_distance(self) -> float:
-        """(1/M) sum_i ||x_i - x_bar||^2, the spread of the workers' models (a collective)."""
+        """(1/M) sum_i ||x_i - x_bar||^2, the spread of the workers' models (a collective; M: the survivors)."""
+        if self.survivors is not None:
+            return self._at_cut("the consensus distance", lambda group: self.state.consensus_distance(
+                self._exact_mean(group)[0], group))
         return self.state.consensus_distance(self.weighted_mean()[0], self.group)
 
     @contextmanager
@@ -303,11 +392,20 @@ class GossipAverager:
         consensus never changes the course of training. Yields the consensus distance. A collective: every rank
         must enter it (and, for the check of ``options.verify``, leave it without an error).
         """
+        what = "the consensus swapped in (evaluation or checkpoint)"
         with torch.no_grad():
-            self.cut("the consensus swapped in (evaluation or checkpoint)")
-            local = self.state.flatten()
-            mean, _ = self.exact_mean()
-            distance = self.state.consensus_distance(mean, self.group)
+            if self.survivors is not None:
+                def look(group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, float]:
+                    mean = self._exact_mean(group)[0]
+                    return mean, self.state.consensus_distance(mean, group)
+
+                mean, distance = self._at_cut(what, look)  # the weights copied below are those of this cut
+                local = self.state.flatten()
+            else:
+                self.cut(what)
+                local = self.state.flatten()
+                mean, _ = self.exact_mean()
+                distance = self.state.consensus_distance(mean, self.group)
             self.state.load_flat(mean)
         try:
             yield distance
@@ -317,7 +415,10 @@ class GossipAverager:
         self.state.load_flat(local)
         if self.verifier is not None:
             with torch.no_grad():
-                self.verifier.mean_unchanged(mean, "the consensus swapped in and back (evaluation or checkpoint)")
+                try:
+                    self.verifier.mean_unchanged(mean, "the consensus swapped in and back (evaluation or checkpoint)")
+                except ViewChanged:
+                    pass  # a peer was lost meanwhile: the survivors' mean moved with it; the next cut accounts for it
 
     def refresh_tensors(self) -> None:
         """Re-collect the module's tensors (after ``module.to()``, which replaces buffer tensors)."""

@@ -26,6 +26,7 @@ from lightning_gossip.gossip.topology import Topology, TopologyLike, resolve_top
 TRANSFER_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_MODES = ("consensus", "local")
 ON_NONFINITE = ("warn", "error")
+ON_PEER_LOSS = ("fail", "continue")
 # ``verify=None`` reads this environment variable ("1"/"true"/"yes" on, "0"/"false"/"no"/"" off), so a test suite or a
 # debugging session can switch the invariant checks on for every run, launched workers included, without code changes.
 VERIFY_ENV = "LIGHTNING_GOSSIP_VERIFY"
@@ -63,6 +64,11 @@ class GossipOptions:
             work sharing); a violation raises :class:`~lightning_gossip.gossip.errors.GossipInvariantError` naming
             the invariant and the ranks. Costs an extra all-reduce of the model per evaluation or checkpoint.
             ``None`` reads the environment variable ``LIGHTNING_GOSSIP_VERIFY``; held resolved, as a bool.
+        on_peer_loss: what a lost peer (its process killed, its connection closed) does to the run. ``"fail"``
+            (default): every rank stops with a :class:`~lightning_gossip.gossip.errors.GossipPeerError` naming it,
+            and the run is restarted from its last checkpoint. ``"continue"`` (asynchronous mode only): the
+            survivors drop it and train on; the weight it took with it is reported, the consensus is the weighted
+            mean of the survivors (see :mod:`lightning_gossip.gossip.survival`).
     """
 
     p: float = 0.1
@@ -82,6 +88,7 @@ class GossipOptions:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
     verify: Optional[bool] = None
+    on_peer_loss: str = "fail"
 
     def __post_init__(self) -> None:
         resolved = {
@@ -101,10 +108,19 @@ class GossipOptions:
             "outer_momentum": check_momentum("outer_momentum", self.outer_momentum),
             "outer_nesterov": check_bool("outer_nesterov", self.outer_nesterov),
             "verify": resolve_verify(self.verify),
+            "on_peer_loss": _check_choice("on_peer_loss", self.on_peer_loss, ON_PEER_LOSS, "'fail' or 'continue'"),
         }
         resolved["overlap"] = resolved["staleness"] > 0
         if resolved["asynchronous"]:
             _check_asynchronous(self, resolved)
+        elif resolved["on_peer_loss"] == "continue":
+            raise ValueError(
+                "on_peer_loss='continue' needs asynchronous=True: lock-step gossip pairs every rank with a peer by "
+                "step number from a schedule over all ranks, so a lost rank leaves its partners waiting for messages "
+                "at every step and the schedule cannot drop it without every rank agreeing at the same step (a "
+                "collective per step). Use asynchronous=True to survive a lost peer, or keep on_peer_loss='fail' (the "
+                "run stops naming the lost rank and restarts from its last checkpoint)."
+            )
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
 

@@ -15,6 +15,17 @@ n-th on every rank, so a second training loop, fit or sweep run in the same proc
 first one's claim counters used up. When a rank has used up a pass it records how many samples it took; with the
 invariant checks on (``GossipOptions(verify=True)``), :func:`verify_finished_passes` (called at every consistent
 cut) checks that the ranks' counts of every finished pass add up to the dataset, each sample once.
+
+Surviving a lost rank (``GossipOptions(on_peer_loss="continue")``, the sampler given ``survivors``): every rank records
+in the store each chunk it starts, before any of it is handed out. A chunk a rank started counts as finished once it
+started the next one (with ``num_workers=0`` the loop has then trained on the chunk's last batch) or posted the end of
+its pass. A rank that runs out of fresh chunks posts how many it started and waits for every rank believed alive to
+do the same (a gather of the survivors, see :mod:`lightning_gossip.gossip.survival`); then every rank computes the
+same list of unfinished chunks (the chunk a lost rank was working on, and any it claimed but never recorded) and the
+survivors claim them through a second counter, round after round, until every chunk of the pass is finished by
+exactly one rank. The lost rank's finished chunks count as used: their updates reached the survivors through its
+messages, as far as they did. With worker processes (``num_workers > 0``) a chunk counts as finished once its last
+batch was *loaded*: a lost rank's loaded but untrained batches are then not redone.
 """
 
 from __future__ import annotations
@@ -22,13 +33,16 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Any, Callable, Iterator, Optional, Sized
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sized, Union
 
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lightning_gossip.gossip.errors import GossipInvariantError
 from lightning_gossip.gossip.permutation import epoch_permutation, piece
+
+if TYPE_CHECKING:
+    from lightning_gossip.gossip.survival import Survivors
 
 # Samplers with finished passes not verified yet (see verify_finished_passes).
 _UNVERIFIED: "weakref.WeakSet[WorkSharingSampler]" = weakref.WeakSet()
@@ -56,6 +70,9 @@ class WorkSharingSampler(Sampler[int]):
         key_prefix: the store keys' prefix (several samplers in one run need different ones).
         stop: asked before each claim; when it returns True this rank's epoch ends early (every rank should see the
             same stop, e.g. a flag in the store, so that the epoch ends for all).
+        survivors: the run's membership with ``on_peer_loss="continue"`` (``averager.survivors``, or a callable
+            returning it, or None): a lost rank's unfinished chunk is then trained by a survivor (see the module
+            docstring). Without it a lost rank's unfinished chunk is not redone.
 
     Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``. Every rank must iterate the sampler
     the same number of times per epoch (the claim counter is scoped by epoch and by pass).
@@ -73,6 +90,7 @@ class WorkSharingSampler(Sampler[int]):
         rank: Optional[int] = None,
         key_prefix: str = "lightning_gossip/work_sharing",
         stop: Optional[Callable[[], bool]] = None,
+        survivors: Union[Survivors, Callable[[], Optional[Survivors]], None] = None,
     ) -> None:
         self.num_samples_total = data_source if isinstance(data_source, int) else len(data_source)
         if self.num_samples_total < 0:
@@ -86,6 +104,11 @@ class WorkSharingSampler(Sampler[int]):
         self._rank = rank
         self.key_prefix = key_prefix
         self.stop = stop
+        self._survivors = survivors
+        # (pass key, {rank: chunks it finished}, chunk size) of passes run with survivors, not verified yet
+        self._finished_surviving: list[tuple[str, dict[int, list[int]], int]] = []
+        #: With survivors: the chunks each rank finished in this rank's last pass (a lost rank's count as used).
+        self.finished_chunks: dict[int, list[int]] = {}
         self.epoch = 0
         self._passes: dict[int, int] = {}  # epoch -> times iterated, so a second pass gets fresh keys
         self._generation: Optional[int] = None  # which of this rank's samplers (under key_prefix) this one is
@@ -132,11 +155,18 @@ class WorkSharingSampler(Sampler[int]):
             )
         return min(self.chunk_size, per_rank // self.batch_size * self.batch_size)
 
+    def survivors(self) -> Optional[Survivors]:
+        """The run's membership (``on_peer_loss="continue"``), or None."""
+        source = self._survivors
+        return source() if callable(source) else source
+
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
         passes = self._passes.get(epoch, 0)
         self._passes[epoch] = passes + 1
-        store = self.store()
+        survivors = self.survivors()
+        # After a loss the default store client may be held up by a group being built: the survivors' own serves.
+        store = survivors.store() if survivors is not None else self.store()
         rank, world_size = self._rank_and_world_size()
         if self._generation is None:
             self._generation = store.add(f"{self.key_prefix}/generation/rank{rank}", 1)
@@ -149,6 +179,9 @@ class WorkSharingSampler(Sampler[int]):
         # (a rank with no batch would never get there, and everything at an epoch's end needs every rank).
         index = rank
         self._claimed_chunks = world_size
+        if survivors is not None:
+            yield from self._surviving_pass(survivors, store, pass_key, order, chunk, rank, world_size)
+            return
         while True:
             indices = piece(order, index, chunk)
             if not indices:
@@ -165,9 +198,51 @@ class WorkSharingSampler(Sampler[int]):
             index = world_size + store.add(key, 1) - 1
             self._claimed_chunks = index + 1
 
+    def _surviving_pass(self, survivors: Survivors, store: dist.Store, pass_key: str, order: list[int], chunk: int,
+                        rank: int, world_size: int) -> Iterator[int]:
+        """One pass with survivors: every chunk finished by exactly one rank, a lost rank's unfinished ones by the
+        survivors (see the module docstring)."""
+        num_chunks = math.ceil(len(order) / chunk)
+        mine = f"{pass_key}/chunks/rank{rank}"
+        started = 0
+        index = rank
+        while index < num_chunks:
+            store.append(mine, f"{index},")  # recorded before any of it is handed out
+            started += 1
+            yield from piece(order, index, chunk)
+            if self.stop is not None and self.stop():
+                store.set(f"{pass_key}/samples/rank{rank}", "stopped")
+                return
+            index = world_size + store.add(f"{pass_key}/next_chunk", 1) - 1
+            self._claimed_chunks = index + 1
+        posted: dict[int, int] = {}  # every rank's last post: how many chunks it had started (and finished)
+        for round_ in range(num_chunks + 1):  # each round finishes at least one chunk, or the pass ends
+            posts = survivors.gather(f"{pass_key}/end{round_}", str(started), "the end of a work-sharing pass")
+            posted.update({r: int(count) for r, count in posts.items()})
+            finished = _finished_chunks(store, pass_key, world_size, posted, set(posts))
+            done = {i for chunks in finished.values() for i in chunks}
+            unfinished = [i for i in range(num_chunks) if i not in done]
+            if not unfinished:
+                break
+            requeue = f"{pass_key}/requeue{round_}"
+            claim = store.add(requeue, 1) - 1
+            while claim < len(unfinished):
+                store.append(mine, f"{unfinished[claim]},")
+                started += 1
+                yield from piece(order, unfinished[claim], chunk)
+                claim = store.add(requeue, 1) - 1
+        self.finished_chunks = finished
+        self.last_pass_samples = sum(len(piece(order, i, chunk)) for i in finished.get(rank, []))
+        store.set(f"{pass_key}/samples/rank{rank}", str(self.last_pass_samples))
+        self._finished_surviving.append((pass_key, finished, chunk))
+        _UNVERIFIED.add(self)
+
     def verify_finished_passes(self) -> None:
         """Raise :class:`GossipInvariantError` if the ranks' sample counts of a pass every rank used up do not add
         up to the dataset (passes some rank has not finished, or stopped early, are left for a later call)."""
+        for pass_key, finished, chunk in self._finished_surviving:
+            self._verify_surviving_pass(pass_key, finished, chunk)
+        self._finished_surviving = []
         store = self.store()
         waiting = []
         for pass_key, world_size in self._finished:
@@ -191,6 +266,23 @@ class WorkSharingSampler(Sampler[int]):
         self._finished = waiting
         if not waiting:
             _UNVERIFIED.discard(self)
+
+    def _verify_surviving_pass(self, pass_key: str, finished: dict[int, list[int]], chunk: int) -> None:
+        counts: dict[int, int] = {}
+        for chunks in finished.values():
+            for index in chunks:
+                counts[index] = counts.get(index, 0) + 1
+        num_chunks = math.ceil(self.num_samples_total / chunk)
+        twice = sorted(i for i, n in counts.items() if n > 1)
+        missing = sorted(set(range(num_chunks)) - set(counts))
+        if twice or missing:
+            per_rank = ", ".join(f"rank {r}: {len(c)} chunks" for r, c in sorted(finished.items()))
+            raise GossipInvariantError(
+                "coverage",
+                f"in the work-sharing pass {pass_key!r} (with survivors) chunks {twice} were finished by more than one "
+                f"rank and chunks {missing} by none ({per_rank}): every sample must be used exactly once per epoch.",
+                ranks=sorted(finished),
+            )
 
     @property
     def world_size(self) -> int:
@@ -217,6 +309,28 @@ class WorkSharingSampler(Sampler[int]):
         """The share of an equally fast rank, in samples (for progress reports; the true share varies)."""
         _, world_size = self._rank_and_world_size()
         return math.ceil(self.num_samples_total / max(1, world_size))
+
+
+def _finished_chunks(store: dist.Store, pass_key: str, world_size: int, posted: dict[int, int],
+                     posting: set[int]) -> dict[int, list[int]]:
+    """The chunks each rank finished in a pass, from the chunks it recorded and its posts at the end of the pass.
+
+    A rank that posted in the last round finished every chunk it had started then (the first ``posted`` of its list;
+    it may have started more since, re-queued ones). A rank that did not (it is lost) finished every chunk it started
+    except the last one, unless its last post (an earlier round) counted that one too.
+    """
+    finished = {}
+    for rank in range(world_size):
+        key = f"{pass_key}/chunks/rank{rank}"
+        listed = [int(i) for i in store.get(key).decode().split(",") if i] if store.check([key]) else []
+        if rank in posting:
+            count = posted[rank]
+        elif posted.get(rank) == len(listed):
+            count = len(listed)
+        else:
+            count = max(0, len(listed) - 1)
+        finished[rank] = listed[:count]
+    return finished
 
 
 def verify_finished_passes() -> None:
