@@ -46,6 +46,7 @@ from lightning_gossip._adapter import (
 from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
+from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.modes import LockStep, mode_for, refuse_peer_loss_survival
 
@@ -63,7 +64,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
 
     Takes the gossip options of :class:`~lightning_gossip.GossipStrategy` (``p``, ``topology``, ``seed``,
     ``mix_buffers``, ``overlap``, ``staleness``, ``average_every``, ``transfer_dtype``, ``eval_mode``,
-    ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``verify``; see docs/options.md), checked once by
+    ``final_consensus``, ``on_nonfinite``, ``asynchronous``, ``outer_every``, ``outer_lr``, ``outer_momentum``,
+    ``outer_nesterov``, ``verify``; see docs/options.md), checked once by
     :class:`~lightning_gossip.gossip.GossipOptions`, and Fabric's ``DDPStrategy`` arguments. Trainer-only options
     (``monitor``, ``sigterm_sync_every``) have no Fabric counterpart: Fabric has no callbacks of ours to add and no
     per-step SIGTERM broadcast.
@@ -93,6 +95,10 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        outer_every: Optional[int] = None,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
         verify: Optional[bool] = None,
         on_peer_loss: Literal["fail"] = "fail",
         accelerator: Optional[Accelerator] = None,
@@ -118,6 +124,10 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            outer_every=outer_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
             verify=verify,
         )
         refuse_peer_loss_survival(on_peer_loss, "GossipFabricStrategy")
@@ -416,6 +426,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
                 start_method=start_method,
                 **extra,
             )
+        for name, (description, settings) in OUTER_STRATEGIES.items():  # "gossip_outer", "gossip_outer_async"
+            strategy_registry.register(name, cls, description=description, **settings)
 
 
 def _shares_work(dataloader: Any) -> bool:

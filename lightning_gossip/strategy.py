@@ -50,6 +50,7 @@ from lightning_gossip.checkpoint_io import (
 from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_bool, check_optional_int, check_timeout
+from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
@@ -87,6 +88,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         on_nonfinite: a received message with NaN/Inf is dropped with a warning (``"warn"``) or raises
             (``"error"``).
         asynchronous: GoSGD as published: no rank waits for another during an epoch (see docs/modes/asynchronous.md).
+        outer_every: the outer optimizer (docs/outer.md): every this many steps every rank takes a Nesterov outer
+            step (``outer_lr``, ``outer_momentum``, ``outer_nesterov``) from its slow weights, as DiLoCo does, then
+            the ranks pair up at random and each pair averages its new slow weights (no all-reduce). ``None``: off.
+            The registered names ``"gossip_outer"`` and ``"gossip_outer_async"`` have the recommended settings.
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (mass, messages, the
             consensus unmoved by looking, every sample once per epoch); ``None`` reads ``LIGHTNING_GOSSIP_VERIFY``.
         on_peer_loss: only ``"fail"`` (a lost peer stops every rank with a ``GossipPeerError`` naming it). Surviving
@@ -132,6 +137,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         final_consensus: bool = True,
         on_nonfinite: Literal["warn", "error"] = "warn",
         asynchronous: bool = False,
+        outer_every: Optional[int] = None,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
         verify: Optional[bool] = None,
         on_peer_loss: Literal["fail"] = "fail",
         monitor: bool = True,
@@ -159,6 +168,10 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             eval_mode=eval_mode,
             final_consensus=final_consensus,
             asynchronous=asynchronous,
+            outer_every=outer_every,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+            outer_nesterov=outer_nesterov,
             verify=verify,
         )
         refuse_peer_loss_survival(on_peer_loss, "GossipStrategy")
@@ -526,6 +539,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         strategy_registry.register(
             "gossip_async", cls, description="Asynchronous GoSGD gossip (no rank waits for another)", asynchronous=True
         )
+        for name, (description, settings) in OUTER_STRATEGIES.items():  # "gossip_outer", "gossip_outer_async"
+            strategy_registry.register(name, cls, description=description, **settings)
 
 
 # Importing this module registers the names (see lightning_gossip/_registration.py); a reload must not fail.

@@ -30,6 +30,12 @@ def local_sgd(h: int) -> dict[str, Any]:
     return {"name": f"local_sgd_h{h}", "kind": "gossip", "p": 0.0, "average_every": h}
 
 
+def outer(h: int, lr: float, momentum: float = 0.9) -> dict[str, Any]:
+    """Outer-momentum gossip (issue 18): no gossip between outer steps, a random pairing and an outer step every h."""
+    return {"name": f"gossip_outer_h{h}_lr{lr:g}", "kind": "gossip", "p": 0.0, "outer_every": h, "outer_lr": lr,
+            "outer_momentum": momentum}
+
+
 def longer(cfg: dict[str, Any], factor: int) -> dict[str, Any]:
     """The same config run for ``factor`` times the steps (to see when it reaches a target in wall-clock time)."""
     return {**cfg, "name": cfg["name"] + f"_{factor}xsteps", "steps_factor": factor}
@@ -113,6 +119,9 @@ def smoke_mode(workers: int) -> Mode:
 
 
 SUITES = ("full", "overhead", "straggler", "tta")
+# The outer-momentum rows of the tta and straggler suites: "gossip_outer"'s registered setting, and the same at
+# local SGD's period here (16).
+OUTER_ROWS = (outer(8, 0.3), outer(16, 0.3))
 
 
 def scenario_repeats(mode: Mode, scenario: Optional[Scenario]) -> int:
@@ -135,7 +144,7 @@ def straggler_suite(workers: int, netns_ok: bool, rate: float, factor: float, em
     mode = Mode("straggler", workers, steps=200, warmup=20, snapshot_every=50, batch_size=8, lr=0.05,
                 model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
     configs = [FLOOR, DDP, gossip(0.1, overlap=True), nosync(gossip(0.1)), nosync(gossip(0.1, overlap=True)),
-               gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16))]
+               gossip(0.1, staleness=16), nosync(gossip(0.1, staleness=16)), local_sgd(16), *OUTER_ROWS]
     lag = {"rank": workers - 1, "factor": factor}
     nets = [(None, "loopback", False)] + ([(rate, f"{rate:g}mbit", True)] if netns_ok else [])
     for r, name, ns in nets:
@@ -150,7 +159,8 @@ def tta_suite(workers: int, netns_ok: bool, rate: float) -> Mode:
     mode = Mode("tta", workers, steps=300, warmup=20, snapshot_every=20, batch_size=32, lr=0.05,
                 model=MODEL_FULL, data=DATA_FULL, local_sgd_h=16, single=False)
     configs = [DDP, longer(gossip(0.1, overlap=True), 2), longer(nosync(gossip(0.1, overlap=True)), 2),
-               longer(gossip(0.1, staleness=16), 2), longer(nosync(gossip(0.1, staleness=16)), 2)]
+               longer(gossip(0.1, staleness=16), 2), longer(nosync(gossip(0.1, staleness=16)), 2),
+               longer(local_sgd(16), 2), *(longer(row, 2) for row in OUTER_ROWS)]
     if netns_ok:
         mode.scenarios.append(Scenario(f"{rate:g}mbit", rate, configs, netns=True))
     else:

@@ -44,7 +44,7 @@ from experiments.benchmark.common import (
     num_params,
     weighted_consensus,
 )
-from experiments.benchmark.configs import scenario_repeats
+from experiments.benchmark.configs import OUTER_ROWS, scenario_repeats
 from lightning_gossip.bench.results import stamp_line
 
 SCHEMA = "lightning-gossip-benchmark/1"
@@ -411,7 +411,7 @@ def check_targets(results: dict) -> list[dict]:
                      and b.get("emulate_compute_ms") == s.get("emulate_compute_ms")), None)
         if base is None:
             continue
-        for cfg in (*p01, "ddp", "local_sgd_h16", "floor"):
+        for cfg in (*p01, "ddp", "local_sgd_h16", "floor", *(row["name"] for row in OUTER_ROWS)):
             a, b = rows.get((s["name"], cfg)), rows.get((base, cfg))
             if a and b:
                 keep = a["samples_per_s"] / b["samples_per_s"]

@@ -253,6 +253,9 @@ def build_strategy(run: dict, world_size: int):
             overlap=bool(run.get("overlap", False)),
             staleness=run.get("staleness"),
             average_every=run.get("average_every"),
+            outer_every=run.get("outer_every"),  # the outer-momentum rows (issue 18)
+            outer_lr=float(run.get("outer_lr", 0.7)),
+            outer_momentum=float(run.get("outer_momentum", 0.9)),
             transfer_dtype=run.get("transfer_dtype"),
             monitor=False,  # no per-step logging and no per-epoch consensus-distance all-reduce in a benchmark
             final_consensus=True,

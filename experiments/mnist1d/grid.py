@@ -44,7 +44,10 @@ from experiments.mnist1d.loop import REPO, RunConfig, launch
 RESULTS = REPO / "experiments" / "results" / "mnist1d"
 RUNS = RESULTS / "runs"
 EQUIV_P = (0.0, 0.01, 0.1, 0.5, 1.0)
-GOSSIP_METHODS = ("gossip", "gossip_async", "lightning_gossip")  # the methods with a p and a topology
+GOSSIP_METHODS = ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async", "lightning_gossip")  # the methods with a p and a topology
+OUTER_LRS = (0.1, 0.3, 0.7, 1.0)  # issue 18's tuning budget, the same for DiLoCo and the outer-momentum gossip
+OUTER_PERIODS = (8, 32)
+DEFAULT_OUTER = (0.7, 0.9, 1)  # DiLoCo's outer SGD (lr, momentum, Nesterov): runs with it keep their old names
 
 
 def _name(cfg: RunConfig) -> str:
@@ -53,8 +56,13 @@ def _name(cfg: RunConfig) -> str:
         parts.insert(1, cfg.model)
     if cfg.method in GOSSIP_METHODS:
         parts += [f"p{cfg.p:g}", cfg.topology]
-    if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco"):
+    if cfg.method in ("local_sgd", "torchft_localsgd", "torchft_diloco", "gossip_outer", "gossip_outer_async"):
         parts.append(f"H{cfg.period}")
+    outer = (cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov)
+    if cfg.method.startswith("gossip_outer") or (cfg.method == "torchft_diloco" and outer != DEFAULT_OUTER):
+        parts.append(f"olr{cfg.outer_lr:g}")
+        if outer[1:] != DEFAULT_OUTER[1:]:
+            parts.append(f"om{cfg.outer_momentum:g}" + ("" if cfg.outer_nesterov else "hb"))
     if cfg.method == "single":
         parts.append(f"b{cfg.batch_size}")
     parts.append(f"s{cfg.seed}")
@@ -109,9 +117,34 @@ def runs_asynchronous(base: RunConfig, workers: list[int], seeds: list[int],
     return [replace(base, method="gossip_async", workers=m, seed=s, p=p) for m in workers for p in ps for s in seeds]
 
 
+def runs_outer(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[float, ...] = (0.0,),
+               lrs: tuple[float, ...] = OUTER_LRS, periods: tuple[int, ...] = OUTER_PERIODS,
+               methods: tuple[str, ...] = ("gossip_outer", "torchft_diloco")) -> list[RunConfig]:
+    """Issue 18's tuning: torchft's DiLoCo and the outer-momentum gossip (``gossip_outer``, inner gossip ``p``) on
+    the same grid of outer learning rates and periods H (outer momentum 0.9, Nesterov, for both)."""
+    out = []
+    for m in workers:
+        for period in periods:
+            for lr in lrs:
+                for s in seeds:
+                    common = replace(base, workers=m, seed=s, period=period, outer_lr=lr)
+                    for method in methods:
+                        gossip_ps = ps if method.startswith("gossip_outer") else (0.1,)
+                        out += [replace(common, method=method, p=p) for p in gossip_ps]
+    return out
+
+
+def runs_outer_async(base: RunConfig, workers: list[int], seeds: list[int], ps: tuple[float, ...] = (0.0,),
+                     lrs: tuple[float, ...] = (0.3,), periods: tuple[int, ...] = (8,),
+                     methods: tuple[str, ...] = ("gossip_outer_async",)) -> list[RunConfig]:
+    """The outer-momentum gossip in the asynchronous mode, at the lock-step mode's chosen setting by default (the
+    lock-step runs of the ``outer`` sweep are the comparison)."""
+    return runs_outer(base, workers, seeds, ps, lrs, periods, methods)
+
+
 SWEEPS: dict[str, Callable[..., list[RunConfig]]] = {
     "equivalence": runs_equivalence, "exploration": runs_exploration, "topology": runs_topology,
-    "peers": runs_peers, "asynchronous": runs_asynchronous,
+    "peers": runs_peers, "asynchronous": runs_asynchronous, "outer": runs_outer, "outer_async": runs_outer_async,
 }
 
 
@@ -174,6 +207,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--period", type=int, default=8, help="Local SGD / DiLoCo: steps between averages")
     parser.add_argument("--p", default=None, help="comma-separated gossip p values (default: the sweep's own)")
+    parser.add_argument("--outer-lr", default=None, help="outer sweep: comma-separated outer learning rates")
+    parser.add_argument("--periods", default=None, help="outer sweep: comma-separated periods H")
+    parser.add_argument("--methods", default=None, help="outer sweep: comma-separated methods")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="the outer SGD's momentum")
+    parser.add_argument("--outer-nesterov", type=int, default=1, help="1: Nesterov, 0: heavy-ball")
     parser.add_argument("--only", default=None, help="run only runs whose name contains this (e.g. gossip_M4)")
     parser.add_argument("--exclude", default=None,
                         help="comma-separated: skip runs whose name contains any of these (e.g. lightning_)")
@@ -185,11 +223,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--list", action="store_true", help="print the runs and whether they are done")
     args = parser.parse_args(argv)
     base = RunConfig(steps=args.steps, eval_every=args.eval_every, period=args.period, num_samples=args.num_samples,
-                     model=args.model)
+                     model=args.model, outer_momentum=args.outer_momentum, outer_nesterov=args.outer_nesterov)
     excluded = [e for e in (args.exclude or "").split(",") if e]
     workers = [int(w) for w in args.workers.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = {"ps": tuple(float(p) for p in args.p.split(","))} if args.p else {}
+    if args.outer_lr:
+        extra["lrs"] = tuple(float(v) for v in args.outer_lr.split(","))
+    if args.periods:
+        extra["periods"] = tuple(int(v) for v in args.periods.split(","))
+    if args.methods:
+        extra["methods"] = tuple(args.methods.split(","))
     runs = SWEEPS[args.sweep](base, workers, seeds, **extra)
     # The CNN's runs get their own folders (the report's tables group by method, M, split and p, not by model).
     out_dir = Path(args.out) / (args.sweep if args.model == "mlp" else f"{args.sweep}_{args.model}")

@@ -10,13 +10,21 @@ evaluation are the same code for all of them:
   brings the messages in flight home first (the exact consensus needs them), so the workers meet every
   ``eval_every`` steps: this compares the *accuracy* of the two modes at equal steps; their speed with stragglers
   is measured by ``experiments/benchmark/async_straggler.py``.
+- ``gossip_outer``: the same averager with the outer optimizer (``outer_every=period``, ``outer_lr``,
+  ``outer_momentum``, ``outer_nesterov``; docs/outer.md): every ``period`` steps a random pairing averages the
+  models of each pair and every worker takes a Nesterov outer step from its slow weights; ``p`` is the plain gossip
+  between outer steps (0: none).
+- ``gossip_outer_async``: the same in the asynchronous mode: every ``period`` of its own steps a worker takes its
+  outer step and pushes its new slow weights to a random peer, which mixes them in when they arrive (as
+  ``gossip_async``, the workers meet at every evaluation).
 - ``ddp``: torch's ``DistributedDataParallel`` (gradients all-reduced every step).
 - ``local_sgd``: torch's ``PeriodicModelAverager`` (``torch.distributed.algorithms.model_averaging``): Local SGD,
   parameters averaged every ``period`` steps. It skips parameters whose ``.grad`` is None, so it runs after
   ``optimizer.step()`` and before the next ``zero_grad``.
 - ``torchft_localsgd`` / ``torchft_diloco``: torchft's ``LocalSGD`` and ``DiLoCo`` (one replica per process, a
-  ``Manager`` each, the Lighthouse started in the launcher process). DiLoCo's outer optimizer is SGD(lr 0.7,
-  momentum 0.9, Nesterov), the DiLoCo paper's.
+  ``Manager`` each, the Lighthouse started in the launcher process). DiLoCo's outer optimizer is SGD(``outer_lr``,
+  ``outer_momentum``, Nesterov unless ``outer_nesterov=0``); the defaults, lr 0.7 and momentum 0.9, are the DiLoCo
+  paper's.
 - ``single``: one process (the large-batch baseline: give it ``batch_size = M * b``).
 
 Every ``eval_every`` steps (and at the end) the workers evaluate, outside the timed training: the consensus (the
@@ -50,7 +58,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("gossip", "gossip_async", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
+METHODS = ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async", "ddp", "local_sgd", "torchft_localsgd", "torchft_diloco", "single")
 
 
 @dataclass
@@ -67,7 +75,10 @@ class RunConfig:
     seed: int = 1
     p: float = 0.1                 # gossip
     topology: str = "random"       # gossip
-    period: int = 8                # local_sgd, torchft_*: steps between averages
+    period: int = 8                # local_sgd, torchft_*, gossip_outer: steps between averages / outer steps
+    outer_lr: float = 0.7          # torchft_diloco, gossip_outer: the outer SGD's learning rate
+    outer_momentum: float = 0.9    # torchft_diloco, gossip_outer: the outer SGD's momentum
+    outer_nesterov: int = 1        # torchft_diloco, gossip_outer: 1 Nesterov (DiLoCo), 0 heavy-ball (NoLoCo's code)
     eval_every: int = 100
     num_samples: int = 20000
     cache_dir: str = str(REPO / "data" / "mnist1d")
@@ -155,12 +166,14 @@ def worker(cfg: RunConfig, rank: int, world: int, port: int, lighthouse: Optiona
     averager = None
     ft = None
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    gossip = cfg.method in ("gossip", "gossip_async")
+    gossip = cfg.method in ("gossip", "gossip_async", "gossip_outer", "gossip_outer_async")
     if gossip:
         from lightning_gossip.gossip import GossipAverager
 
+        outer = {"outer_every": cfg.period, "outer_lr": cfg.outer_lr, "outer_momentum": cfg.outer_momentum,
+                 "outer_nesterov": bool(cfg.outer_nesterov)} if cfg.method.startswith("gossip_outer") else {}
         averager = GossipAverager(net, p=cfg.p, topology=cfg.topology, seed=cfg.seed, mix_buffers=False,
-                                  asynchronous=cfg.method == "gossip_async")
+                                  asynchronous=cfg.method in ("gossip_async", "gossip_outer_async"), **outer)
     elif cfg.method == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -315,7 +328,8 @@ def _torchft_setup(cfg: RunConfig, net, opt, rank: int, world: int, lighthouse: 
     if cfg.method == "torchft_localsgd":
         wrapper = LocalSGD(manager, net, opt, sync_every=cfg.period)
     else:
-        outer = torch.optim.SGD(net.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+        outer = torch.optim.SGD(net.parameters(), lr=cfg.outer_lr, momentum=cfg.outer_momentum,
+                                nesterov=bool(cfg.outer_nesterov))
         wrapper = DiLoCo(manager, [net], opt, outer, sync_every=cfg.period, backup_device=torch.device("cpu"),
                          pin_memory=False)
     wrapper.__enter__()

@@ -377,6 +377,173 @@ def asynchronous(runs: Path, out: Path) -> None:
     plt.close(fig)
 
 
+OUTER_METHODS = ("gossip_outer", "torchft_diloco")
+TUNING_SEEDS = (1, 2)  # the outer sweep's settings are chosen on these seeds (seed 3 is run for the chosen ones)
+
+
+def outer_key(r: dict[str, Any]) -> tuple:
+    """(M, method, H, outer lr, outer momentum, Nesterov, inner p) of an outer-sweep run (old runs: DiLoCo's 0.7/0.9)."""
+    c = r["config"]
+    return (r["world_size"], c["method"], c["period"], c.get("outer_lr", 0.7), c.get("outer_momentum", 0.9),
+            c.get("outer_nesterov", 1), c["p"] if c["method"].startswith("gossip_outer") else None)
+
+
+def outer_label(k: tuple) -> str:
+    m, method, period, lr, mom, nesterov, p = k
+    name = {"gossip_outer": "outer-momentum gossip", "torchft_diloco": "torchft DiLoCo"}[method]
+    extra = "" if (mom, nesterov) == (0.9, 1) else f", momentum {mom:g}{'' if nesterov else ' heavy-ball'}"
+    inner = f", p={p:g}" if p else ""
+    return f"{name} H={period} lr={lr:g}{extra}{inner}"
+
+
+def outer(runs: Path, out: Path, sweep: str = "outer") -> None:
+    """Issue 18: the outer-momentum gossip and torchft's DiLoCo on the same tuning grid, then the chosen settings
+    beside Local SGD, torchft LocalSGD, DDP and plain gossip (the runs of the ``peers`` and ``equivalence`` sweeps)."""
+    results = [r for r in load(runs, sweep) if r["config"]["method"] in OUTER_METHODS]
+    if not results:
+        return
+    cnn = sweep.endswith("_cnn")
+    ylim = (0.5, 1.0) if cnn else (0.3, 0.85)
+    peers_runs = load(runs, "peers_cnn" if cnn else "peers")
+    equivalence_runs = load(runs, "equivalence_cnn" if cnn else "equivalence")
+    ms_ = sorted({r["world_size"] for r in results})
+    budgets = {m: mean(r["bytes_sent_per_worker"] for r in peers_runs
+                       if r["config"]["method"] == "local_sgd" and r["world_size"] == m) for m in ms_}
+    g: dict[tuple, list] = defaultdict(list)
+    for r in results:
+        g[outer_key(r)].append(r)
+
+    def tuning_score(k: tuple) -> Optional[float]:
+        return mean(r["test_acc"] for r in g[k] if r["config"]["seed"] in TUNING_SEEDS)
+
+    rows = []
+    for k in sorted(g, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], k[6] or 0)):
+        rs = g[k]
+        at_budget = ms(_val_acc_within(r, "bytes_sent_per_worker", budgets[k[0]]) for r in rs) if budgets[k[0]] else "-"
+        rows.append([k[0], outer_label(k), ",".join(str(r["config"]["seed"]) for r in rs),
+                     ms(r["test_acc"] for r in rs), f"{tuning_score(k):.3f}", at_budget,
+                     f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.1f}",
+                     ms((r["final_consensus_distance"] for r in rs), 2)])
+    write_table(out / sweep / "tuning", ["M", "run", "seeds", "test acc (1500 steps)",
+                                         "mean test acc over the tuning seeds 1, 2",
+                                         "val acc at Local SGD H=8's bytes", "MB sent / worker",
+                                         "consensus distance (end)"], rows)
+
+    # the chosen setting of each method at each M (best mean test accuracy over the tuning seeds), beside the peers
+    best = {}
+    for m in ms_:
+        for method in OUTER_METHODS:
+            cands = [k for k in g if k[0] == m and k[1] == method and tuning_score(k) is not None]
+            if cands:
+                best[(m, method)] = max(cands, key=tuning_score)
+    reference = [r for r in peers_runs + equivalence_runs if r["world_size"] in ms_ and (
+        r["config"]["method"] in ("local_sgd", "torchft_localsgd", "ddp")
+        or (r["config"]["method"] == "torchft_diloco" and r["config"]["period"] == 8)
+        or (r["config"]["method"] == "gossip" and (r["config"]["p"] == 1.0 or r in peers_runs)))]
+    ref_groups = group(reference)
+    rows = []
+    for m in ms_:
+        lines = []
+        for k in sorted([k for k in ref_groups if k[1] == m], key=_order):
+            tag = " (DiLoCo paper's setting, `peers` sweep)" if k[0] == "torchft_diloco" else ""
+            lines.append((label(k) + tag, ref_groups[k]))
+        for method in OUTER_METHODS:
+            if (m, method) in best:
+                lines.append((outer_label(best[(m, method)]) + " (chosen)", g[best[(m, method)]]))
+        for name, rs in lines:
+            at_budget = ms(_val_acc_within(r, "bytes_sent_per_worker", budgets[m]) for r in rs) if budgets[m] else "-"
+            rows.append([m, name, len(rs), ms(r["test_acc"] for r in rs), at_budget,
+                         f"{mean(r['bytes_sent_per_worker'] for r in rs) / 1e6:.1f}",
+                         ms(statistics.mean(r["own_test_acc"]) for r in rs)])
+    write_table(out / sweep / "summary", ["M", "run", "seeds", "test acc at equal steps (1500)",
+                                          "val acc at equal bytes (Local SGD H=8's total)", "MB sent / worker",
+                                          "own models test acc (mean)"], rows)
+
+    # the order first implemented (each pair averages its models, then the outer step: NoLoCo's) against the order
+    # used now (the outer step, then each pair averages the new slow weights), at the same settings and seeds
+    first = defaultdict(list)
+    for r in load(runs, sweep.replace("outer", "outer_mix_first")):
+        first[outer_key(r)].append(r)
+    rows = []
+    for k in sorted(first, key=lambda k: (k[0], k[2], k[3])):
+        now = {r["config"]["seed"]: r["test_acc"] for r in g.get(k, [])}
+        then = {r["config"]["seed"]: r["test_acc"] for r in first[k]}
+        seeds = sorted(set(now) & set(then))
+        rows.append([k[0], k[2], f"{k[3]:g}", ",".join(map(str, seeds)) or "-", ms(then[s_] for s_ in seeds),
+                     ms(now[s_] for s_ in seeds)])
+    if rows:
+        write_table(out / sweep / "order", ["M", "H", "outer lr", "seeds (both)",
+                                            "mix, then outer step (first; NoLoCo's order)",
+                                            "outer step, then mix (now)"], rows)
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ms_), figsize=(5.5 * len(ms_), 4.2), squeeze=False)
+    for col, m in enumerate(ms_):
+        ax = axes[0][col]
+        for method, marker in (("gossip_outer", "o"), ("torchft_diloco", "s")):
+            for period, style in ((8, "-"), (32, "--")):
+                ks = sorted([k for k in g if k[0] == m and k[1] == method and k[2] == period
+                             and (k[4], k[5], k[6] or 0) == (0.9, 1, 0)], key=lambda k: k[3])
+                if ks:
+                    ax.errorbar([k[3] for k in ks], [mean(r["test_acc"] for r in g[k]) for k in ks],
+                                yerr=[statistics.stdev([r["test_acc"] for r in g[k]]) if len(g[k]) > 1 else 0
+                                      for k in ks], marker=marker, ls=style, capsize=3,
+                                label=f"{outer_label(ks[0]).split(' H=')[0]} H={period}")
+        for k in ref_groups:
+            if k[1] == m and k[0] == "local_sgd":
+                ax.axhline(mean(r["test_acc"] for r in ref_groups[k]), color="grey", ls=":", label="Local SGD H=8")
+        ax.set(title=f"M = {m}: test accuracy against the outer lr", xlabel="outer learning rate", xscale="log",
+               ylim=(0.5, 1.0) if cnn else (0.55, 0.85))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / sweep / "tuning.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, len(ms_), figsize=(5.5 * len(ms_), 8), squeeze=False)
+    for col, m in enumerate(ms_):
+        for k in sorted([k for k in ref_groups if k[1] == m and "curve" in ref_groups[k][0]], key=_order):
+            band(axes[0][col], ref_groups[k], "val_acc", label(k), lw=1)
+            band(axes[1][col], ref_groups[k], "val_acc", label(k), x_field="bytes_sent_per_worker", lw=1)
+        for method in OUTER_METHODS:
+            if (m, method) in best:
+                k = best[(m, method)]
+                band(axes[0][col], g[k], "val_acc", outer_label(k), lw=2.5)
+                band(axes[1][col], g[k], "val_acc", outer_label(k), x_field="bytes_sent_per_worker", lw=2.5)
+        axes[0][col].set(title=f"M = {m}: validation accuracy of the consensus", xlabel="step", ylim=ylim)
+        axes[1][col].set(title=f"M = {m}: ... against bytes sent per worker", xlabel="bytes sent per worker",
+                         xscale="log", ylim=ylim)
+        axes[0][col].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / sweep / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def outer_cnn(runs: Path, out: Path) -> None:
+    outer(runs, out, "outer_cnn")
+
+
+def outer_async(runs: Path, out: Path) -> None:
+    """The outer-momentum gossip asynchronously against lock-step, same M, H, outer lr and seeds (equal steps)."""
+    lockstep = defaultdict(dict)
+    for r in load(runs, "outer"):
+        c = r["config"]
+        if c["method"] == "gossip_outer":
+            lockstep[(r["world_size"], c["period"], c["outer_lr"], c["p"])][c["seed"]] = r["test_acc"]
+    asynchronous = defaultdict(dict)
+    for r in load(runs, "outer_async"):
+        c = r["config"]
+        asynchronous[(r["world_size"], c["period"], c["outer_lr"], c["p"])][c["seed"]] = r["test_acc"]
+    rows = []
+    for k in sorted(asynchronous):
+        seeds = sorted(set(asynchronous[k]) & set(lockstep.get(k, {})))
+        rows.append([k[0], k[1], f"{k[2]:g}", f"{k[3]:g}", ",".join(map(str, seeds)) or "-",
+                     ms(lockstep[k][s_] for s_ in seeds), ms(asynchronous[k][s_] for s_ in seeds)])
+    if rows:
+        write_table(out / "outer" / "async", ["M", "H", "outer lr", "p", "seeds (both)",
+                                              "lock-step test acc (1500 steps)", "asynchronous test acc (1500 steps)"],
+                    rows)
+
+
 def scale(runs: Path, out: Path) -> None:
     """Start-up time and peak RSS per worker of the hand-loop gossip runs, by number of worker processes."""
     results = [r for sweep in ("equivalence", "exploration", "topology") for r in load(runs, sweep)
@@ -408,10 +575,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default=str(RUNS))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", default=None, help="comma-separated section names (default: all)")
     args = parser.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     sections = (equivalence, equivalence_cnn, exploration, exploration_cnn, topology, peers, peers_cnn, asynchronous,
-                scale)
+                outer, outer_cnn, outer_async, scale)
+    if args.only:
+        sections = tuple(s for s in sections if s.__name__ in args.only.split(","))
     for section in sections:
         section(runs, out)
         print(f"{section.__name__}: done", flush=True)

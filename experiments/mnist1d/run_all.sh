@@ -30,4 +30,10 @@ python -m experiments.mnist1d.grid exploration --workers 4 --seeds 1,2,3 --p 0,0
 python -m experiments.mnist1d.grid equivalence --workers 16 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
 python -m experiments.mnist1d.grid exploration --workers 8 --seeds 1,2,3 --p 0,0.1,1 --model cnn --jobs 2
 python -m experiments.mnist1d.grid peers --workers 4 --seeds 1,2,3 --model cnn --exclude lightning_ --jobs 2
+# issue 18: outer momentum (docs/outer.md); the tuning grid for the outer-momentum gossip and torchft's DiLoCo alike
+python -m experiments.mnist1d.grid outer --workers 4 --seeds 1,2 --jobs 2
+python -m experiments.mnist1d.grid outer --workers 8 --seeds 1,2 --jobs 2
+python -m experiments.mnist1d.grid outer --workers 4 --seeds 1,2 --model cnn --jobs 2
+python -m experiments.mnist1d.grid outer --workers 4,8 --seeds 3 --outer-lr 0.3 --periods 8 --jobs 2
+python -m experiments.mnist1d.grid outer --workers 16 --seeds 1,2 --outer-lr 0.3,0.7 --periods 8,32 --jobs 2
 python -m experiments.mnist1d.report

@@ -101,7 +101,7 @@ _CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_workers", _int(0), "an integer >= 0"),
 ]
 # GossipStrategy's switches: a string such as "false" would be truthy
-_GOSSIP_BOOLS = ("mix_buffers", "overlap", "final_consensus", "monitor", "asynchronous")
+_GOSSIP_BOOLS = ("mix_buffers", "overlap", "final_consensus", "monitor", "asynchronous", "outer_nesterov")
 
 # ckpt_path values Lightning resolves itself
 _CKPT_KEYWORDS = ("last", "best", "hpc")

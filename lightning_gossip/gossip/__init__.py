@@ -2,8 +2,9 @@
 
 Layers, each using only the ones below it: :mod:`options` (every setting, checked once) -> :mod:`averager` (the run's
 lifecycle) -> :mod:`exchange` (moves messages, owns those in flight) -> :mod:`schedule` / :mod:`topology` (who sends
-to whom) and :mod:`state` (the flat view of the model, the gossip weight and the mixing rule). Beside them,
-:mod:`health` (heartbeats in the store, the hang watchdog) and :mod:`errors` (a lost peer named).
+to whom) and :mod:`state` (the flat view of the model, the gossip weight and the mixing rule); :mod:`outer` is the
+optional outer optimizer (slow weights, outer momentum, a random pairing every H steps) the averager steps. Beside
+them, :mod:`health` (heartbeats in the store, the hang watchdog) and :mod:`errors` (a lost peer named).
 """
 
 from lightning_gossip.gossip.averager import GossipAverager

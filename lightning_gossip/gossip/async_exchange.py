@@ -66,6 +66,7 @@ TROUBLE_GRACE_SECONDS = 5.0
 _KIND_SLOT = 3
 _KIND_GOSSIP = 0.0
 _KIND_STOP = 1.0  # close(): the receiver thread ends after this message
+_RANDOM_PEER = RandomPeer()  # the outer optimizer's push goes to a uniformly random peer
 # Written into a receive buffer before it is posted (on_peer_loss="continue"): a header that still says so has not
 # started to receive a message (see survival.py, fact 3).
 _KIND_UNFILLED = -1.0
@@ -120,6 +121,8 @@ class AsyncGossipExchange:
         self.topology = resolve_topology(getattr(source, "topology", topology) or RandomPeer())
         source_seed = getattr(source, "seed", seed)
         self._schedule = schedule  # its seed is read at every coin: a resume may set the checkpoint's seed on it
+        # The outer optimizer's schedule (outer.OuterSchedule) says at which steps this rank pushes after its outer step.
+        self._outer_step = getattr(schedule, "is_outer_step", None)
         self._seed = int(source_seed if source_seed is not None else 0)  # GossipOptions(seed=None): the averager's 0
         self.on_nonfinite = getattr(options, "on_nonfinite", on_nonfinite)
         self.on_peer_loss = getattr(options, "on_peer_loss", "fail")
@@ -344,24 +347,33 @@ class AsyncGossipExchange:
             self.survivors.refresh()  # a store read at most every REFRESH_SECONDS: learn of losses, drop the lost
         self._check_receiver()
         self._check_sends()
+        if self._outer_step is not None and self._outer_step(step):
+            # The outer optimizer's push (outer.py), to a uniformly random peer as the lock-step pairing: packed
+            # before anything else is mixed in, while this rank's model still equals its new slow weights.
+            self._push(_RANDOM_PEER, step)
+            self._mix_arrived()
+            return
         self._mix_arrived()
         if self.p > 0.0 and uniform(self.seed, step, self.rank, _STREAM_SEND) < self.p:
-            if len(self._sends_in_flight) >= self.max_sends_in_flight:
-                self.counters.sends_skipped += 1
-                return
-            u = uniform(self.seed, step, self.rank, _STREAM_PEER)
-            destination = self._draw_peer(step, u)
-            if destination is not None:
-                self._send(destination)
+            self._push(self.topology, step)
 
-    def _draw_peer(self, step: int, u: float) -> Optional[int]:
+    def _push(self, topology: Any, step: int) -> None:
+        if len(self._sends_in_flight) >= self.max_sends_in_flight:
+            self.counters.sends_skipped += 1
+            return
+        u = uniform(self.seed, step, self.rank, _STREAM_PEER)
+        destination = self._draw_peer(topology, step, u)
+        if destination is not None:
+            self._send(destination)
+
+    def _draw_peer(self, topology: Any, step: int, u: float) -> Optional[int]:
         """The topology's peer; after a loss, the topology over the survivors renumbered in rank order."""
         if self.survivors is None or not self._lost:
-            return self.topology.peer(self.rank, self.world_size, step, u)
+            return topology.peer(self.rank, self.world_size, step, u)
         alive = [r for r in self.survivors.alive if r not in self._lost]
         if len(alive) < 2:
             return None  # the last survivor: nobody to push to
-        return alive[self.topology.peer(alive.index(self.rank), len(alive), step, u)]
+        return alive[topology.peer(alive.index(self.rank), len(alive), step, u)]
 
     def _send(self, destination: int) -> None:
         # Halve first: the message carries a_i / 2 and this rank keeps a_i / 2, so no mass is created.
@@ -386,7 +398,8 @@ class AsyncGossipExchange:
             buffer.copy_(self._staging)  # synchronous: the host buffer is complete before the send is posted
         else:
             self.state.pack(buffer, seq, self.rank)
-        self._header(buffer)[_KIND_SLOT] = kind
+        if kind != _KIND_GOSSIP:  # a gossip message keeps what the state wrote there (outer.py marks its payload)
+            self._header(buffer)[_KIND_SLOT] = kind
 
     def _post(self, buffer: Tensor, destination: int, what: str, weight: float = 0.0) -> bool:
         """Post a send of ``buffer`` (carrying ``weight``); False if the peer is gone and on_peer_loss="continue"

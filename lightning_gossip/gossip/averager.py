@@ -34,6 +34,7 @@ from lightning_gossip.gossip.exchange import Exchange
 from lightning_gossip.gossip.invariants import InvariantChecker
 from lightning_gossip.gossip.modes import exchange_for
 from lightning_gossip.gossip.options import GossipOptions
+from lightning_gossip.gossip.outer import OuterGossipState, OuterOptimizer, OuterSchedule, load_outer_state
 from lightning_gossip.gossip.schedule import GossipSchedule
 from lightning_gossip.gossip.state import GossipState, gossiped_tensors
 from lightning_gossip.gossip.step_board import StepBoard
@@ -116,7 +117,11 @@ class GossipAverager:
         self._health = self._watch_health()
         validate_topology(options.topology, self.world_size)
         self.schedule = GossipSchedule(self.world_size, options.p, options.topology, options.schedule_seed())
-        self.state = GossipState(
+        if options.outer_every is not None:  # the outer optimizer's pairings every H steps (outer.py)
+            self.schedule = OuterSchedule(self.schedule, options.outer_every)
+        # With the outer optimizer, what is mixed into the model is mixed into its slow weights too (outer.py).
+        state_type = OuterGossipState if options.outer_every is not None else GossipState
+        self.state = state_type(
             gossiped_tensors(module, options.mix_buffers), 1.0 / self.world_size, options.transfer_dtype
         )
         #: An id of this run, the same on every rank and new for every averager: scopes every store key of the run
@@ -135,8 +140,10 @@ class GossipAverager:
             self.exchange.board = self.board
         self.verifier: Optional[InvariantChecker] = InvariantChecker(self) if options.verify else None
         self._step = 0
+        self.outer: Optional[OuterOptimizer] = None
         if broadcast:
             self.broadcast_from_rank_zero()
+        self.outer = OuterOptimizer.for_module(module, options, self.state)  # slow weights = the starting model
 
     def _watch_health(self) -> Optional[health.HealthMonitor]:
         """Heartbeats and the hang watchdog (see :mod:`~lightning_gossip.gossip.health`), armed while training."""
@@ -199,6 +206,8 @@ class GossipAverager:
         """The GoSGD step after an optimizer step: maybe push to a peer, mix in what was sent to this rank."""
         if self._health is not None and self._health.declared():
             raise_if_hang_declared(self.rank)  # a peer hangs: say so now, not at the next wait for it
+        if self.outer is not None and self.outer.due(self._step + 1):
+            self.outer.step()  # first: this step's pairing then averages the new slow weights (outer.py)
         if self.world_size > 1:
             self.board.back_to_training()
             self.exchange.step(self._step)
@@ -317,6 +326,8 @@ class GossipAverager:
             dist.broadcast(flat, src=self._global_rank_zero(), group=self.group)
         self.state.load_flat(flat)
         self.state.weight = 1.0 / self.world_size
+        if self.outer is not None:
+            self.outer.restart()
 
     def _global_rank_zero(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
@@ -370,6 +381,8 @@ class GossipAverager:
         self.finish()
         mean, total = self.state.weighted_mean(group=self.group, on_nonfinite=self.options.on_nonfinite)
         distance = self.state.consensus_distance(mean, self.group)
+        if self.outer is not None:  # the outer state's a-weighted means too, so every rank holds one state
+            self.outer.consensus_(self.state.weight, self.group, self.options.on_nonfinite)
         self.state.load_flat(mean)
         self.state.weight = total / self.world_size
         return distance
@@ -439,6 +452,7 @@ class GossipAverager:
             "world_size": self.world_size,
             "staleness": self.options.staleness,
             **self.exchange.state_dict(),
+            **({"outer": self.outer.state_dict()} if self.outer is not None else {}),
         }
 
     def checkpoint_state_dict(self) -> dict[str, Any]:
@@ -470,7 +484,12 @@ class GossipAverager:
         self.state.weight = float(state["weight"])
         self._step = int(state["step"])
         self.exchange.load_state_dict(state)
+        load_outer_state(self.outer, state.get("outer"), self.rank)
 
     def continue_schedule_at(self, step: int) -> None:
-        """Start counting gossip steps at ``step`` (resuming onto another number of workers: the old position)."""
+        """Start counting gossip steps at ``step`` (resuming onto another number of workers: the old position).
+
+        The outer optimizer starts afresh there: slow weights = the model now (the consensus), momentum zero."""
         self._step = int(step)
+        if self.outer is not None:
+            self.outer.restart()

@@ -40,7 +40,7 @@ class NonFiniteGossipError(FloatingPointError):
 class GossipInvariantError(RuntimeError):
     """An invariant of gossip does not hold (checked with ``GossipOptions(verify=True)``).
 
-    ``invariant`` names it (``"mass"``, ``"mean"``, ``"messages"``, ``"coverage"``); ``ranks`` are the ranks whose
+    ``invariant`` names it (``"mass"``, ``"mean"``, ``"messages"``, ``"coverage"``, ``"slow weights"``); ``ranks`` are the ranks whose
     values break it (empty when the violation is global).
     """
 

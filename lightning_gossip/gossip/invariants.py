@@ -7,6 +7,10 @@ end of a run) nothing is lost or created:
   (float64 rounding; the weight is halved and added, never scaled);
 * messages: every message sent has been received (mixed in, rejected, or held as received-not-mixed);
 * coverage: with work sharing, every sample of a finished epoch was handed to exactly one rank;
+* slow weights (with the outer optimizer, ``outer_every``): the a-weighted sum of the ranks' slow weights plus
+  that of the marked messages held unmixed (whose quotient by the weights is phi's exact consensus) moved since
+  the last cut by exactly what the ranks' own outer steps and weight-only transfers moved it
+  (:class:`~lightning_gossip.gossip.outer.SlowWeightLedger`): gossip itself conserves it;
 
 and around every look at the consensus (evaluation and checkpoints swap it in and back): the exact weighted mean is
 the same after the look as before it, so looking never moves training.
@@ -31,10 +35,12 @@ if TYPE_CHECKING:
 
 # float64 sums of halved weights: exact but for the additions' rounding, far below this.
 MASS_TOLERANCE = 1e-9
+# Slow-weight sums, relative to sum_i a_i |phi_i|_1: float32 mixing rounds every element by ~6e-8 of its size.
+SLOW_TOLERANCE = 1e-5
 # The mean is recomputed from bit-identical weights; anything beyond float rounding is a lost or invented message.
 MEAN_TOLERANCE = 1e-6
 
-_WEIGHT, _IN_FLIGHT_WEIGHT, _SENT, _RECEIVED, _IN_FLIGHT = range(5)
+_WEIGHT, _IN_FLIGHT_WEIGHT, _SENT, _RECEIVED, _IN_FLIGHT, _SLOW, _SLOW_BASE, _SLOW_MOVED, _SLOW_SCALE, _REBASE = range(10)
 _GOSSIP_GROUP: Any = object()  # at_cut's default: the averager's group (None is a group: the default one)
 
 
@@ -61,6 +67,7 @@ class InvariantChecker:
                 counters.messages_sent - lost_sent,
                 counters.messages_received - lost_received,
                 len(in_flight),
+                *self._slow_row(in_flight),
             ],
             dtype=torch.float64,
             device=averager.state.device,
@@ -94,6 +101,8 @@ class InvariantChecker:
                 "still on the wire at what should be a consistent cut, or was lost.",
                 ranks=labels,
             )
+        # After a lost peer (ranks given: the survivors' cut) its slow weights left with it: re-base, do not compare.
+        self._check_slow_weights(rows, what, labels, dist.get_rank(group), compare=ranks is None)
         from lightning_gossip.gossip.work_sharing import verify_finished_passes  # plain torch; avoids a cycle
 
         verify_finished_passes()
@@ -111,3 +120,35 @@ class InvariantChecker:
                 "the consensus must not change it (messages mixed in while the consensus was swapped in were lost?).",
                 ranks=[],
             )
+
+    def _slow_row(self, in_flight: list[Tensor]) -> list[float]:
+        """This rank's slow-weight ledger entries (zeros without an outer optimizer or without its ledger)."""
+        outer = self.averager.outer
+        ledger = outer.ledger if outer is not None else None
+        if ledger is None:
+            return [0.0, 0.0, 0.0, 0.0, 1.0]
+        contribution, scale = self.averager.state.slow_contribution(in_flight)
+        rebase = ledger.base is None
+        return [contribution, 0.0 if rebase else ledger.base, ledger.moved, scale, float(rebase)]
+
+    def _check_slow_weights(self, rows: list[list[float]], what: str, labels: list[int], mine: int,
+                            compare: bool = True) -> None:
+        outer = self.averager.outer
+        if outer is None or outer.ledger is None:
+            return
+        if compare and not any(row[_REBASE] for row in rows):
+            now = sum(row[_SLOW] for row in rows)
+            expected = sum(row[_SLOW_BASE] + row[_SLOW_MOVED] for row in rows)
+            scale = 1.0 + sum(row[_SLOW_SCALE] for row in rows)
+            if abs(now - expected) > SLOW_TOLERANCE * scale:
+                per_rank = ", ".join(f"rank {r}: {row[_SLOW]:.9g} (was {row[_SLOW_BASE]:.9g}, own changes "
+                                     f"{row[_SLOW_MOVED]:+.3g})" for r, row in zip(labels, rows))
+                raise GossipInvariantError(
+                    "slow weights",
+                    f"at {what} the weighted sum of the slow weights is {now:.12g}, but the ranks' own outer steps "
+                    f"and weight-only transfers since the last cut account for {expected:.12g} ({per_rank}): a "
+                    "message was mixed into a model but not into the slow weights, or slow weights were lost.",
+                    ranks=labels,
+                )
+        rank_row = rows[mine]
+        outer.ledger.base, outer.ledger.moved = rank_row[_SLOW], 0.0

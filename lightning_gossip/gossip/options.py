@@ -10,6 +10,7 @@ that names the value and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from collections.abc import Hashable
@@ -52,6 +53,12 @@ class GossipOptions:
         final_consensus: at the end of training, put the exact average on every rank.
         asynchronous: GoSGD as published: no rank waits for another during an epoch; messages are mixed in when
             they arrive (no schedule, no staleness, no periodic global average).
+        outer_every: the outer optimizer (``lightning_gossip/gossip/outer.py``, ``docs/outer.md``): every this many
+            steps every rank takes an outer step from its slow weights (Nesterov momentum on its pseudo-gradient, as
+            DiLoCo does), then the ranks pair up at random and each pair averages its new slow weights. ``None``: off.
+        outer_lr: the outer learning rate, > 0 (1 with no momentum: the slow weights jump to the averaged model).
+        outer_momentum: the outer momentum, in [0, 1).
+        outer_nesterov: Nesterov momentum (DiLoCo's outer SGD) instead of heavy-ball (NoLoCo's code).
         verify: check gossip's invariants at every quiescent point, evaluation and checkpoint (total gossip weight 1,
             the exact mean unchanged by looking at it, messages sent == received, every sample once per epoch with
             work sharing); a violation raises :class:`~lightning_gossip.gossip.errors.GossipInvariantError` naming
@@ -76,6 +83,10 @@ class GossipOptions:
     eval_mode: str = "consensus"
     final_consensus: bool = True
     asynchronous: bool = False
+    outer_every: Optional[int] = None
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
     verify: Optional[bool] = None
     on_peer_loss: str = "fail"
 
@@ -92,6 +103,10 @@ class GossipOptions:
             "eval_mode": _check_choice("eval_mode", self.eval_mode, EVAL_MODES, f"one of {EVAL_MODES}"),
             "final_consensus": check_bool("final_consensus", self.final_consensus),
             "asynchronous": check_bool("asynchronous", self.asynchronous),
+            "outer_every": check_optional_int("outer_every", self.outer_every, minimum=1, unit="steps"),
+            "outer_lr": check_positive_real("outer_lr", self.outer_lr),
+            "outer_momentum": check_momentum("outer_momentum", self.outer_momentum),
+            "outer_nesterov": check_bool("outer_nesterov", self.outer_nesterov),
             "verify": resolve_verify(self.verify),
             "on_peer_loss": _check_choice("on_peer_loss", self.on_peer_loss, ON_PEER_LOSS, "'fail' or 'continue'"),
         }
@@ -211,6 +226,20 @@ def check_timeout(value: Any) -> Any:
             f"timeout must be None or a positive datetime.timedelta (e.g. timedelta(seconds=60)), got {value!r}."
         )
     return value
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """A finite real number > 0 (not a bool), else an error naming the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_momentum(name: str, value: Any) -> float:
+    """A real number in [0, 1) (not a bool), else an error naming the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+    return float(value)
 
 
 def check_optional_int(name: str, value: Any, minimum: int, unit: str = "") -> Optional[int]:

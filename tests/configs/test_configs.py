@@ -113,11 +113,19 @@ def test_strategy_configs(tmp_path, name):
     else:
         assert isinstance(strategy, lightning_gossip.GossipStrategy)
         assert strategy._start_method == ("spawn" if name == "gossip_spawn" else "popen")
-        assert strategy.options.asynchronous is (name == "gossip_async")
+        asynchronous = name in ("gossip_async", "gossip_outer_async")
+        assert strategy.options.asynchronous is asynchronous
         # the app shards the data itself, except in asynchronous mode, where the strategy shares it out
-        assert objs["trainer"]._accelerator_connector.use_distributed_sampler is (name == "gossip_async")
+        assert objs["trainer"]._accelerator_connector.use_distributed_sampler is asynchronous
         if name == "local_sgd":
             assert strategy.p == 0.0 and strategy.options.average_every == cfg.strategy.average_every > 0
+        if name.startswith("gossip_outer"):  # the registered names' settings, written once more for Hydra: in step
+            from lightning_gossip.gossip.outer import OUTER_STRATEGIES
+
+            settings = OUTER_STRATEGIES[name][1]
+            assert {key: getattr(strategy.options, key) for key in settings} == settings
+        else:
+            assert strategy.options.outer_every is None
 
 
 @pytest.mark.parametrize("name", options("trainer"))

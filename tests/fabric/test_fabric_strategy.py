@@ -158,3 +158,43 @@ def test_asynchronous_save_is_a_consistent_cut_and_resumes_every_rank(asynchrono
         assert torch.equal(resumed[r]["own_after_load"], own[r])
         assert resumed[r]["gossip_step_after_load"] == ranks[r]["gossip_step_at_save"]
         assert resumed[r]["loaded_epoch"] == 1
+
+
+@pytest.fixture(scope="module")
+def outer(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The same loop with ``strategy="gossip_outer"``: pairings and outer steps every H steps, nothing in between."""
+    return straight_run(tmp_path_factory, "gossip_outer")
+
+
+@pytest.mark.slow  # two more 3-process Fabric launches; the Trainer run of "gossip_outer" is in the default suite
+def test_gossip_outer_loop_saves_the_outer_state_and_resumes_every_rank_exactly(outer):
+    from lightning_gossip.gossip.outer import RECOMMENDED_OUTER
+
+    out, ranks = outer
+    every = RECOMMENDED_OUTER["outer_every"]
+    # 3 ranks: each round pairs two of them and one sits out, so 2 messages per outer step
+    assert sum(r["counters"]["messages_sent"] for r in ranks) == 2 * (2 * STEPS // every)
+    after = ranks[0]["after_consensus_all_ranks"]
+    assert all(torch.equal(after[0], after[i]) for i in range(RANKS))
+    parts = saved_parts(out / "gossip.ckpt")
+    for part in parts:  # every rank's part holds its slow weights and outer momentum
+        assert part["gossip"]["weight"] == pytest.approx(1 / RANKS, abs=1e-15)
+        assert sorted(part["gossip"]["outer"]) == ["momentum", "slow"]
+    assert parts[0]["gossip"]["outer"]["momentum"].abs().sum() > 0  # saved after an outer step
+    resumed = run_loop(out, "--phase", "resume", "--strategy", "gossip_outer")
+    for r in range(RANKS):
+        assert torch.equal(resumed[r]["own_after_load"], ranks[r]["own_at_save"])
+        # epoch 2 holds an outer step: bit for bit only if the slow weights and the momentum came back exactly
+        assert torch.equal(resumed[r]["epoch2_steps"], ranks[r]["epoch2_steps"]), f"rank {r} did not resume exactly"
+
+
+@pytest.mark.slow  # one more 3-process Fabric launch; the Trainer smoke of "gossip_outer_async" is the other
+def test_gossip_outer_async_loop_pushes_every_outer_step_and_ends_at_one_consensus(tmp_path_factory):
+    """``strategy="gossip_outer_async"`` in a user's Fabric loop: every sample of the shared-out epoch used once, every
+    push arrived (sent == received), and one identical consensus on every rank after ``consensus_()``."""
+    _, ranks = straight_run(tmp_path_factory, "gossip_outer_async")
+    assert sorted(sum((r["epoch1_seen"] for r in ranks), [])) == list(range(N))
+    sent = sum(r["counters"]["messages_sent"] for r in ranks)
+    assert sent == sum(r["counters"]["messages_received"] for r in ranks) and sent >= 1
+    after = ranks[0]["after_consensus_all_ranks"]
+    assert all(torch.equal(after[0], after[i]) for i in range(RANKS))

@@ -163,3 +163,27 @@ def test_registry_name_selects_the_asynchronous_mode():
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="gossip_async", logger=False)
     assert isinstance(trainer.strategy, lightning_gossip.GossipStrategy)
     assert trainer.strategy.options.asynchronous
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gossip_outer_async_registry_name_pushes_after_each_outer_step_and_ends_at_one_consensus(tmp_path):
+    """``strategy="gossip_outer_async"``: every 8 of its own steps a rank takes its outer step and pushes its new slow
+    weights to a random peer (nothing in between); the slow rank takes fewer steps, every sample is used once per
+    epoch, no message is lost, and every rank ends with the exact consensus."""
+    from lightning_gossip.gossip.outer import RECOMMENDED_OUTER
+
+    every = RECOMMENDED_OUTER["outer_every"]
+    records = _fit(tmp_path / "run", "--strategy-name", "gossip_outer_async", "--slow-rank", "3", "--slowdown", "3",
+                   "--epochs", "2", "--step-seconds", "0.03")
+    steps = [r["steps"] for r in records]
+    assert steps[3] < min(steps[:3]), steps
+    for epoch in (0, 1):
+        assert sorted(i for r in records for i in r["seen"][epoch]) == list(range(N))
+    for r in records:
+        counters = r["counters"]
+        assert counters["messages_sent"] + counters["sends_skipped"] == r["steps"] // every, (r["steps"], counters)
+    assert sum(r["counters"]["messages_sent"] for r in records) == sum(r["counters"]["messages_received"]
+                                                                         for r in records)
+    for r in records[1:]:
+        assert torch.equal(r["params"], records[0]["params"])

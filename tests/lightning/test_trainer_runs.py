@@ -122,3 +122,29 @@ def test_strategy_names_are_registered_on_import(name):
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
     assert isinstance(trainer.strategy, lightning_gossip.GossipStrategy)
     assert trainer.strategy._start_method == {"gossip": "popen", "gossip_spawn": "spawn", "gossip_fork": "fork"}[name]
+
+
+def test_gossip_outer_registry_name_pairs_every_h_steps_and_ends_at_one_consensus(tmp_path):
+    """``strategy="gossip_outer"``: no gossip between outer steps, a random pairing and the outer step every H steps
+    (H = 8: an epoch is 8 steps per rank here), equal gossip weights throughout, the exact consensus at the end."""
+    from lightning_gossip.gossip.outer import RECOMMENDED_OUTER, random_pairing
+
+    every = RECOMMENDED_OUTER["outer_every"]
+    records = _fit(tmp_path, "--strategy-name", "gossip_outer", "--devices", "4", "--epochs", "1")
+    steps = len(records[0]["weights_per_step"])
+    assert steps == every and all(w == 0.25 for r in records for w in r["weights_per_step"])
+    # one message per rank and outer step (4 ranks pair up completely), nothing in between
+    assert [r["counters"]["messages_sent"] for r in records] == [steps // every] * 4
+    for t in range(steps):
+        if (t + 1) % every:  # each rank trains on its own between outer steps
+            assert not torch.equal(records[0]["params_per_step"][t], records[1]["params_per_step"][t])
+    # the first outer step: every rank starts from the same slow weights, so a pair (which averaged its models and
+    # took the same outer step) holds the same model, to rounding (each side averages from its own end)
+    params = [r["params_per_step"][every - 1] for r in records]
+    partner = random_pairing(7, every - 1, 4)  # the schedule's seed: seed_everything(7)
+    for rank in range(4):
+        torch.testing.assert_close(params[rank], params[int(partner[rank])], rtol=0, atol=1e-6)
+        others = [q for q in range(4) if q not in (rank, int(partner[rank]))]
+        assert all((params[rank] - params[q]).abs().max() > 1e-4 for q in others)
+    assert all(torch.equal(records[0]["final_params"], r["final_params"]) for r in records[1:])
+    assert records[0]["val_acc"] > 0.8

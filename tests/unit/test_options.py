@@ -75,6 +75,33 @@ def test_schedule_seed_falls_back_only_when_unset():
     assert GossipOptions(seed=3).schedule_seed(fallback=42) == 3
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"outer_every": 0}, ValueError, r"outer_every must be None or an integer >= 1 \(steps\), got 0"),
+        ({"outer_every": 2.5}, ValueError, r"outer_every must be None or an integer >= 1 \(steps\), got 2.5"),
+        ({"outer_lr": 0.0}, ValueError, r"outer_lr must be a finite number > 0, got 0.0"),
+        ({"outer_lr": float("inf")}, ValueError, r"outer_lr must be a finite number > 0, got inf"),
+        ({"outer_lr": "0.7"}, ValueError, r"outer_lr must be a finite number > 0, got '0.7'"),
+        ({"outer_momentum": 1.0}, ValueError, r"outer_momentum must be a number in \[0, 1\), got 1.0"),
+        ({"outer_momentum": -0.1}, ValueError, r"outer_momentum must be a number in \[0, 1\), got -0.1"),
+        ({"outer_nesterov": "false"}, TypeError, "outer_nesterov must be True or False, got 'false'"),
+    ],
+)
+def test_outer_option_errors_name_the_value_and_range(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GossipOptions(**kwargs)
+
+
+def test_outer_options_are_held_resolved():
+    options = GossipOptions(p=0, outer_every=16, outer_lr=1, outer_momentum=0, outer_nesterov=False)
+    assert (options.outer_every, options.outer_lr, options.outer_momentum, options.outer_nesterov) == (16, 1.0, 0.0,
+                                                                                                      False)
+    assert isinstance(options.outer_lr, float) and options.replace(outer_every=None).outer_every is None
+    assert GossipOptions(outer_every=8, overlap=True).staleness == 1  # pairings may land later (docs/outer.md)
+    assert GossipOptions(outer_every=8, asynchronous=True).mode == "asynchronous"
+
+
 def test_asynchronous_refuses_a_periodic_global_average():
     # Each asynchronous rank would call the global average at its own step count and wait for the others until the
     # process-group timeout: refused once, here, for the averager, the Trainer and the Fabric strategy alike.

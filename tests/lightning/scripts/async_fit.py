@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--max-seconds", type=float, default=None)
     parser.add_argument("--sync-dist-on-step", action="store_true")
+    parser.add_argument("--strategy-name", default=None, help="a registry name instead of GossipStrategy(p=...)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -117,7 +118,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=_strategy(args.p),
+        strategy=args.strategy_name or _strategy(args.p),
         max_epochs=args.epochs,
         max_time=None if args.max_seconds is None else {"seconds": args.max_seconds},
         callbacks=[ModelCheckpoint(dirpath=os.path.join(args.out_dir, "ckpt"), save_last=True, save_top_k=-1)],
