@@ -90,7 +90,6 @@ def test_bad_options_exit_2_with_the_option_named(user_project, capsys):
         (["--model", MODEL, "--strategies", "gossip,bogus"], "unknown 'bogus'"),
         (["--model", MODEL, "--strategy-arg", "gossip.p=1.5"], "--strategy-arg for gossip ({'p': 1.5})"),
         (["--model", MODEL, "--strategy-arg", "gossip.pp=0.5"], "unexpected keyword argument 'pp'"),
-        (["--model", MODEL, "--strategies", "gossip_outer"], "registered in Lightning as 'gossip_outer'"),
         (["--model", MODEL, "--strategies", "gossip", "--compare", __file__], "--compare needs the ddp row"),
         (["--model", MODEL, "--rate", "100,abc"], "--rate '100,abc'"),
         (["--model", MODEL, "--compare", "nope.json"], "--compare 'nope.json': no such file"),
@@ -124,34 +123,35 @@ def test_a_config_file_holds_the_options_and_the_command_line_wins(user_project)
 
 
 # -- the strategy registry ------------------------------------------------------------------------------------------
-def test_default_rows_are_gossip_async_ddp_local_sgd_and_unregistered_modes_are_left_out_with_a_note():
+def test_default_rows_are_gossip_async_outer_ddp_and_local_sgd():
     rows, notes = strategies.resolve(None, strategies.registered_names())
-    names = [r.name for r in rows]
-    assert {"ddp", "gossip", "gossip_async", "local_sgd"} <= set(names)
-    for mode in ("gossip_outer", "gossip_outer_async"):
-        if mode not in strategies.registered_names():
-            assert mode not in names and any(n.startswith(mode + ":") for n in notes)
+    assert {"ddp", "gossip", "gossip_async", "local_sgd", "gossip_outer", "gossip_outer_async"} <= {r.name for r in rows}
 
 
-def test_a_mode_is_picked_up_as_soon_as_its_strategy_name_is_registered():
-    """The outer-momentum modes are one registry line each: registering the name in Lightning is all it takes."""
+def test_a_mode_joins_the_run_when_its_strategy_name_is_registered_and_is_refused_by_name_when_not():
+    """A row of the registry is one line: registering the name in Lightning is all it takes, and a row whose name
+    is not registered is left out of the default run with a note (and refused, naming it, when asked for)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
     from lightning_gossip import GossipStrategy
 
     name = "gossip_outer"
-    if name in StrategyRegistry:
-        pytest.skip("gossip_outer is registered by this installation: the default run includes it already")
-    StrategyRegistry.register(name, GossipStrategy, description="stand-in for the test", p=0.3)
+    saved = StrategyRegistry.pop(name)
     try:
-        rows, _ = strategies.resolve(None, strategies.registered_names())
-        assert name in [r.name for r in rows]
-        built = strategies.REGISTRY[name].build(strategies.BuildContext(backend="gloo", seed=3, world_size=2,
-                                                                        args={"topology": "ring"}))
-        assert isinstance(built, GossipStrategy)
-        assert built.p == 0.3 and built.options.topology.__class__.__name__ == "Ring" and built.monitor is False
+        rows, notes = strategies.resolve(None, strategies.registered_names())
+        assert name not in [r.name for r in rows] and any(n.startswith(name + ":") for n in notes)
+        with pytest.raises(ValueError, match="registered in Lightning as 'gossip_outer'"):
+            strategies.resolve([name], strategies.registered_names())
     finally:
-        StrategyRegistry.remove(name)
+        StrategyRegistry[name] = saved
+    rows, _ = strategies.resolve(None, strategies.registered_names())
+    assert name in [r.name for r in rows]
+    built = strategies.REGISTRY[name].build(strategies.BuildContext(backend="gloo", seed=3, world_size=2,
+                                                                    args={"topology": "ring"}))
+    # the registered (recommended) outer settings, the row's own defaults and the user's --strategy-arg
+    assert isinstance(built, GossipStrategy)
+    assert built.p == 0.0 and built.options.outer_every == 8 and built.options.outer_lr == 0.3
+    assert built.options.topology.__class__.__name__ == "Ring" and built.monitor is False
 
 
 def test_local_sgd_is_gossip_with_p0_and_a_periodic_average():
