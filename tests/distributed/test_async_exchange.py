@@ -147,9 +147,10 @@ def _nonfinite_error(rank, world_size):
     if rank == 0:
         with torch.no_grad():
             state.tensors[0].fill_(float("inf"))
-    exchange.step(0)
-    time.sleep(0.5)  # rank 0's message has arrived by now
     try:
+        # rank 0's message may already be there at rank 1's first step (rank 1 may start later): either step raises
+        exchange.step(0)
+        time.sleep(0.5)  # rank 0's message has arrived by now
         exchange.step(1)
     except Exception as caught:  # noqa: BLE001
         return type(caught).__name__
@@ -320,6 +321,7 @@ def _subgroup(rank, world_size):
     return before, nn.utils.parameters_to_vector(model.parameters()).detach(), gossip.weight
 
 
+@pytest.mark.slow
 def test_asynchronous_gossip_in_a_subgroup_leaves_the_rest_alone():
     results = run_distributed(_subgroup, 4)
     assert torch.equal(results[0][0], results[0][1])

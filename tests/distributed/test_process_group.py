@@ -1,6 +1,7 @@
 """Gossip inside a process group that is not the whole world: ranks outside it are never touched, ranks inside it
 conserve their mass among themselves, and their consensus is theirs alone."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,6 +49,7 @@ def _subgroup_gossip(rank: int, world_size: int, steps: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_gossip_in_a_subgroup_leaves_the_rest_of_the_world_alone() -> None:
     results = run_distributed(_subgroup_gossip, 4, 40)
     outsider, members = results[0], results[1:]

@@ -157,6 +157,7 @@ def run_train(args: list[str], cwd: Path, timeout: float) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_entry_two_workers(tmp_path):
     proc = run_train(["data=mnist1d", "model=mnist1d_cnn", "data.num_samples=1000", "trainer=debug",
                       "trainer.devices=2", "extras.print_config=false", "callbacks.progress_bar.refresh_rate=0",

@@ -42,6 +42,7 @@ def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_single_run_two_workers(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train([*TINY, "strategy.p=1.0", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run_dir}"],
@@ -69,6 +70,7 @@ def test_single_run_two_workers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.slow
 def test_multirun_two_jobs_two_workers_and_sweep_collector(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train(["-m", "strategy.p=0,1", *TINY, f"paths.log_dir={tmp_path / 'logs'}",

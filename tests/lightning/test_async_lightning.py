@@ -43,6 +43,7 @@ def _fit(out: Path, *options: str, timeout: float = 600) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # two 4-worker fits; about 2 minutes on 2 idle cores, much more on a shared machine
 def test_straggler_takes_fewer_steps_every_sample_once_identical_weights_and_exact_resume(tmp_path):
     k = 4
@@ -85,6 +86,7 @@ def test_straggler_takes_fewer_steps_every_sample_once_identical_weights_and_exa
         assert sorted(i for r in resumed for i in r["seen"][1]) == list(range(N))
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -30,6 +30,7 @@ def _fit(tmp_path: Path, *options: str) -> list[dict]:
     return _run([sys.executable, str(SCRIPT), str(tmp_path), *options], tmp_path)
 
 
+@pytest.mark.slow
 def test_four_cpu_workers_gossip_instead_of_all_reduce(tmp_path):
     records = _fit(tmp_path, "--devices", "4", "--p", "0.5", "--epochs", "2")
     assert [r["rank"] for r in records] == [0, 1, 2, 3]
@@ -69,6 +70,7 @@ def test_four_cpu_workers_gossip_instead_of_all_reduce(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_registry_string_two_workers_local_eval_and_no_final_consensus(tmp_path):
     records = _fit(
         tmp_path, "--strategy-name", "gossip", "--devices", "2", "--epochs", "1", "--eval-mode", "local"

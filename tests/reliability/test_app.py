@@ -35,6 +35,7 @@ def _result(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_lost_worker_restarts_and_resumes(tmp_path: Path) -> None:
     """max_restarts=1: rank 1 is SIGKILLed in epoch 2; the group restarts, resumes from last.ckpt, finishes epoch 3."""
     run_dir = tmp_path / "run"
@@ -101,6 +102,7 @@ def test_sigterm_to_the_app_stops_every_worker(tmp_path: Path) -> None:
     print(f"SIGTERM to the app: every process gone {stopped:.1f} s after the signal")
 
 
+@pytest.mark.slow
 def test_resume_a_checkpoint_the_app_wrote(tmp_path: Path) -> None:
     """last.ckpt is rewritten every epoch (even when val/acc does not improve) and resumes with weights_only."""
     first, second = tmp_path / "first", tmp_path / "second"

@@ -43,6 +43,7 @@ def _assert_complete(folder: Path, world_size: int) -> None:
     assert not [p for p in folder.rglob("*.tmp")], list(folder.rglob("*"))
 
 
+@pytest.mark.slow
 def test_sigterm_to_every_rank_during_a_save(tmp_path: Path) -> None:
     out, ck = tmp_path / "run", tmp_path / "run" / "ck"
     plan = [{"name": "preempted", "epochs": 6, "ckpt_dir": str(ck), "save_last": True}]
