@@ -119,6 +119,7 @@ def test_an_injected_slowdown_in_the_gossip_step_fails_the_comparison(user_run, 
     assert regressions[0].startswith("  - loopback/gossip: active_step_vs_ddp_cpu"), regressions
 
 
+@pytest.mark.slow
 def test_a_metric_the_model_does_not_log_is_refused_naming_what_it_logs(tmp_path):
     run = bench(["--model", MODEL, "--datamodule", DATA, "--workers", "2", "--steps", "4", "--strategies", "ddp",
                  "--metric", "val_accuracy", "--no-plots", "--out", str(tmp_path / "out")], cwd=tmp_path)

@@ -15,6 +15,9 @@ from experiments.benchmark.configs import full_mode, smoke_mode
 from lightning_gossip.bench import netns
 from tests.helpers.processes import run_command
 
+# The harness of the suites (experiments/benchmark); CI's own benchmark step runs lightning_gossip.bench (.ci/run).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOP_KEYS = {"schema", "mode", "machine", "settings", "scenarios", "rows", "ratios", "targets"}
 MACHINE_KEYS = {"cpu_model", "nproc", "torch", "date"}

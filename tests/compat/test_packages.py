@@ -78,7 +78,7 @@ def test_renaming_refuses_a_bare_lightning_import():
         translate("import os\nfrom lightning import Trainer\n", "x.py")
 
 
-@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
+@pytest.mark.parametrize("package", [pytest.param("lightning", marks=pytest.mark.slow), "pytorch_lightning"])
 def test_fit_checkpoint_and_exact_resume(tmp_path, package):
     """The popen launcher, per-rank checkpoints and an exact resume, with either package's Trainer."""
     pytest.importorskip(package)

@@ -81,6 +81,7 @@ def test_trainer_example_asynchronous(tmp_path: Path) -> None:
     assert accuracy > 0.7, run.output[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * TIMEOUT + 60)
 def test_fabric_loop_example_saves_and_resumes(tmp_path: Path) -> None:
     import torch

@@ -32,7 +32,8 @@ def check_result(res: dict, cfg: RunConfig) -> None:
     assert all(s > 0 for s in res["startup_s"])
 
 
-@pytest.mark.parametrize("method", ["gossip", "gossip_async", "local_sgd"])
+@pytest.mark.parametrize("method", ["gossip", pytest.param("gossip_async", marks=pytest.mark.slow),
+                                    pytest.param("local_sgd", marks=pytest.mark.slow)])
 def test_loop_two_workers(tmp_path, method):
     cfg = tiny(tmp_path, method=method, workers=2, p=1.0, period=5)
     res = launch(cfg, tmp_path / "run.json")

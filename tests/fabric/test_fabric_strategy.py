@@ -46,6 +46,7 @@ def straight(tmp_path_factory) -> tuple[Path, list[dict]]:
     return straight_run(tmp_path_factory, "gossip")
 
 
+@pytest.mark.slow
 def test_ranks_differ_mid_training_and_agree_after_consensus(straight):
     _, ranks = straight
     for record in ranks:
@@ -140,6 +141,7 @@ def test_asynchronous_loop_trains_every_shard_and_ends_at_one_consensus(asynchro
     assert all(torch.equal(after[0], after[i]) for i in range(RANKS))
 
 
+@pytest.mark.slow
 def test_asynchronous_save_is_a_consistent_cut_and_resumes_every_rank(asynchronous):
     """fabric.save in asynchronous mode first brings the messages on the wire home: the saved gossip weights sum to
     one (nothing on the wire is lost from the checkpoint), and the saved model is the consensus of the saved parts."""

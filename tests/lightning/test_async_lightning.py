@@ -116,6 +116,7 @@ def test_sigterm_on_one_rank_stops_every_rank(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_max_time_stops_every_rank_at_the_same_epoch_end(tmp_path):
     # Lightning's Timer would broadcast rank 0's decision after every batch; here the first rank out of time raises
     # the store's stop flag, the shared data runs out for everyone, and all stop at the same epoch's end.

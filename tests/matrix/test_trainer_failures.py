@@ -47,8 +47,11 @@ def test_a_collective_in_a_callback_inside_an_asynchronous_epoch_is_refused(tmp_
 
 
 @pytest.mark.lightning_compat
-@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
-@pytest.mark.parametrize("mode", ["lockstep", "async"])
+@pytest.mark.parametrize("mode, package", [
+    ("lockstep", "lightning"), ("async", "pytorch_lightning"),  # the default run: each mode, each package once
+    pytest.param("async", "lightning", marks=pytest.mark.slow),
+    pytest.param("lockstep", "pytorch_lightning", marks=pytest.mark.slow),
+], ids=["lockstep-lightning", "async-pytorch_lightning", "async-lightning", "lockstep-pytorch_lightning"])
 def test_sigterm_to_one_rank_stops_every_rank_with_143(tmp_path, mode, package):
     pytest.importorskip(package)
     env = script_env(MASTER_PORT=str(free_port()), LIGHTNING_GOSSIP_VERIFY="1")
@@ -77,7 +80,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_143(tmp_path, mode, package):
     assert not survivors and not list(tmp_path.glob("finished*")), output[-3000:]
 
 
-@pytest.mark.parametrize("mode", ["lockstep", "async"])
+@pytest.mark.parametrize("mode", [pytest.param("lockstep", marks=pytest.mark.slow), "async"])
 def test_a_rank_that_raises_ends_the_run_with_its_error(tmp_path, mode):
     run = _run(tmp_path, f"{mode}-rank-raises")
     assert run.returncode != 0

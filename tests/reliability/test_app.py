@@ -57,6 +57,7 @@ def test_lost_worker_restarts_and_resumes(tmp_path: Path) -> None:
     assert last["epoch"] == 2 and last["global_step"] == 3 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow
 def test_lost_worker_without_restarts_fails_naming_it(tmp_path: Path) -> None:
     """max_restarts=0 (the default): the job fails at once, names the lost rank, and leaves nothing running."""
     run_dir = tmp_path / "run"
@@ -74,6 +75,7 @@ def test_lost_worker_without_restarts_fails_naming_it(tmp_path: Path) -> None:
     assert not (run_dir / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_app_stops_every_worker(tmp_path: Path) -> None:
     """SIGTERM to the Hydra process (a scheduler's preemption notice): workers stop, none is orphaned, exit 143."""
     run_dir, shutdown_timeout = tmp_path / "run", 15

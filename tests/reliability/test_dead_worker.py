@@ -119,6 +119,7 @@ def test_rank0_killed_while_overwriting_last_checkpoint(killed_in_save_run) -> N
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp"), leftovers
 
 
+@pytest.mark.slow
 def test_resume_after_crash_is_exact(first_runs: Path, resumes) -> None:
     """The last.ckpt that survived the crash resumes, and ends bitwise where an uninterrupted run ends."""
     out, _ = resumes

@@ -35,7 +35,7 @@ def _env(kind: str, node: int, local: int, port: int) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("kind, environment", [("env", "LightningEnvironment"),
+@pytest.mark.parametrize("kind, environment", [pytest.param("env", "LightningEnvironment", marks=pytest.mark.slow),
                                                pytest.param("slurm", "SLURMEnvironment", marks=pytest.mark.slow)])
 def test_two_nodes_two_processes_each(kind: str, environment: str, tmp_path: Path) -> None:
     port = free_port()

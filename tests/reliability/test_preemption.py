@@ -116,6 +116,7 @@ def test_main_checkpoint_does_not_grow_with_the_number_of_workers(tmp_path: Path
     print(f"main checkpoint: {main2} bytes with 2 workers, {main4} bytes with 4; parts {parts2} / {parts4}")
 
 
+@pytest.mark.slow
 def test_rank_lost_in_lightnings_own_collective_is_named(tmp_path: Path) -> None:
     """3 workers; rank 2 is SIGKILLed inside validation: the survivors fail in Lightning's sync_dist reduction (a
     collective, which cannot tell who is gone) and still name rank 2; the launcher reports it; no live rank is named."""
