@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from typing_extensions import override
 
-from lightning_gossip._adapter import CHECKPOINT_KEY
+from lightning_gossip.checkpoint_format import CHECKPOINT_KEY, PART_FORMAT, PART_HEADER_KEY
 from lightning_gossip._lightning_compat import _is_local_file_protocol
 
 
@@ -169,8 +169,6 @@ def _process_alive(pid: int) -> bool:
 # the main file records every part's size and digest, so a resume refuses, naming the file and what is wrong, a part
 # that is truncated, corrupted, another rank's, another save's or from another number of workers, on every rank and
 # before the first step (see verify_parts_everywhere). The functions below are what both adapters call.
-PART_HEADER_KEY = "gossip_part"
-PART_FORMAT = 1
 
 
 class CheckpointPartError(RuntimeError):
