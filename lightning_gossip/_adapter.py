@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_gossip.checkpoint_format import CHECKPOINT_KEY
 from lightning_gossip.gossip import GossipAverager, GossipCounters, GossipOptions
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.errors import GossipPeerError, collective_guard, peer_lost_error
-
-# where a checkpoint keeps the gossip state (per-rank parts, or every rank's state)
-CHECKPOINT_KEY = "gossip"
+from lightning_gossip.gossip.survival import ViewChanged
 
 
 def global_seed() -> int:
@@ -66,6 +65,19 @@ class ResumePlan:
                 f"consensus model (the exact weighted average of the {saved} workers, in-flight messages included) "
                 f"with gossip weight 1/{world_size}, the optimizer state of the old rank 0 and gossip counters at "
                 f"zero; the gossip schedule goes on from step {step}.",
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def warn_lost_ranks(entry: Mapping[str, Any], world_size: int, step: int) -> None:
+        """The warning of a resume from a checkpoint saved after ranks were lost (rank 0 only)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            warnings.warn(
+                f"Resuming a gossip checkpoint saved after rank(s) {list(entry['lost_ranks'])} of "
+                f"{entry['world_size']} were lost (on_peer_loss='continue'): their states are gone, so every rank "
+                f"starts from the checkpoint's consensus model (the exact weighted average of the survivors "
+                f"{list(entry.get('survivors', []))}) with gossip weight 1/{world_size}, the optimizer state of the "
+                f"rank that wrote the file and gossip counters at zero; the gossip schedule goes on from step {step}.",
                 stacklevel=3,
             )
 
@@ -118,6 +130,23 @@ class AdapterCore:
 
     def gossiping(self) -> bool:
         return self.averager is not None and self.averager.world_size > 1 and dist.is_initialized()
+
+    def surviving(self) -> bool:
+        """Whether this run goes on without lost peers (``on_peer_loss="continue"``): collectives then run over the
+        ranks still alive (:meth:`among_survivors`)."""
+        return self.gossiping() and self.averager is not None and self.averager.survivors is not None
+
+    def among_survivors(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """``fn(group)`` as one collective of the ranks still alive (``group``: a process group of exactly them), on
+        every rank the same result; run again over the new survivors if a member is lost during it. ``fn`` must not
+        change its inputs (it may run more than once)."""
+        assert self.averager is not None and self.averager.survivors is not None
+        self.averager.enter_collective(what)
+        while True:
+            try:
+                return self.averager.survivors.run(what, fn)
+            except ViewChanged:
+                continue
 
     def abort(self) -> None:
         """After an exception: give back what the exchange holds without any collective (peers may be gone)."""
@@ -240,6 +269,9 @@ class AdapterCore:
         from lightning_gossip.checkpoint_io import parts_entry, write_part_with_header
 
         assert self.averager is not None
+        if self.surviving():
+            self._save_among_survivors(path, own, write_part, write_main, remove_old_parts, remove_leftovers)
+            return
         save_id = self._fresh_save_id()
         rank, world_size = dist.get_rank(), self.averager.world_size
         # Each part carries a header (save id, rank, world size, digest of its content), checked on resume; a rank
@@ -267,6 +299,56 @@ class AdapterCore:
                 remove_old_parts(path, save_id)
             if remove_leftovers is not None:
                 remove_leftovers(os.path.dirname(os.path.abspath(path)))  # what killed saves left beside it
+
+    def _save_among_survivors(
+        self,
+        path: str,
+        own: Mapping[str, Any],
+        write_part: Callable[[Mapping[str, Any], str], None],
+        write_main: Callable[[dict[str, Any]], None],
+        remove_old_parts: Optional[Callable[[str, str], None]],
+        remove_leftovers: Optional[Callable[[str], Any]],
+    ) -> None:
+        """:meth:`save` with ``on_peer_loss="continue"``: its agreements run over the ranks still alive, and the
+        lowest of them writes the main file. While nobody is lost, the save is the usual one (every rank's part, an
+        exact resume). Once a rank is lost (before or during the save), its state is gone, so no part is written: the
+        main file holds the survivors' consensus, the writer's optimizer state and the loss report, and a resume
+        starts every rank from the consensus (:func:`resumes_rank_by_rank`)."""
+        from lightning_gossip.checkpoint_io import parts_entry, write_part_with_header
+
+        assert self.averager is not None and self.averager.survivors is not None
+        survivors = self.averager.survivors
+        rank, world_size = dist.get_rank(), self.averager.world_size
+        proposal = uuid.uuid4().hex
+        save_id = self.among_survivors("the agreement on a checkpoint's save id",
+                                       lambda group: _gather_objects(group, proposal))[0]
+        record: Optional[dict[str, Any]] = None
+        failure: Optional[str] = None
+        if not survivors.any_lost:
+            try:
+                record = write_part_with_header(lambda state, part: write_part(state, part), path, save_id, rank,
+                                                world_size, own)
+            except Exception as error:  # noqa: BLE001 - reported on every rank below
+                failure = f"rank {rank}: {type(error).__name__}: {error}"
+        everyone = self.among_survivors("the exchange of the checkpoint parts every rank wrote",
+                                        lambda group: _gather_objects(group, (rank, record, failure)))
+        failures = [entry[2] for entry in everyone if entry[2]]
+        if failures:
+            raise RuntimeError(f"Could not save the checkpoint {path}: a part could not be written "
+                               f"({'; '.join(failures)}).")
+        members = sorted(entry[0] for entry in everyone)
+        if rank != members[0]:
+            return
+        if survivors.any_lost or len(members) < world_size:
+            entry = {"world_size": world_size, "lost_ranks": list(survivors.lost), "survivors": members,
+                     "loss_report": survivors.report.as_dict()}
+        else:
+            entry = parts_entry(save_id, world_size, [entry[1] for entry in everyone], path)
+        write_main({**entry, "step": self.averager.step_count})
+        if remove_old_parts is not None:
+            remove_old_parts(path, save_id)
+        if remove_leftovers is not None:
+            remove_leftovers(os.path.dirname(os.path.abspath(path)))
 
     def load_own_part(self, checkpoint_io: Any, path: str, entry: Mapping[str, Any], **load_kwargs: Any
                       ) -> dict[str, Any]:
@@ -307,12 +389,22 @@ class AdapterCore:
                     ) -> ResumePlan:
         """The resume plan of a checkpoint's gossip ``entry``: this rank's part's gossip state with the same number
         of workers, the consensus (and a warning) with another."""
-        if entry["world_size"] == world_size:
+        if resumes_rank_by_rank(entry, world_size):
             assert own_part is not None, "a resume onto the same number of workers needs this rank's part"
             return ResumePlan(own=own_part[CHECKPOINT_KEY])
         step = saved_step(entry)
-        ResumePlan.warn_other_world_size(int(entry["world_size"]), world_size, step)
+        if entry.get("lost_ranks"):
+            ResumePlan.warn_lost_ranks(entry, world_size, step)
+        else:
+            ResumePlan.warn_other_world_size(int(entry["world_size"]), world_size, step)
         return ResumePlan(step=step)
+
+
+def _gather_objects(group: Any, obj: Any) -> list[Any]:
+    """Every member's ``obj`` over ``group``, in the group's rank order."""
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
 
 
 def saved_step(entry: Mapping[str, Any]) -> int:
@@ -321,6 +413,13 @@ def saved_step(entry: Mapping[str, Any]) -> int:
     if "step" in entry:
         return int(entry["step"])
     return int(entry["ranks"][0][CHECKPOINT_KEY]["step"])
+
+
+def resumes_rank_by_rank(entry: Mapping[str, Any], world_size: int) -> bool:
+    """Whether a checkpoint's gossip ``entry`` resumes every rank from its own part: the same number of workers, and
+    no rank lost before the save (after a loss, ``on_peer_loss="continue"``, the lost ranks' states are gone, so every
+    rank starts from the survivors' consensus, as onto another number of workers)."""
+    return int(entry["world_size"]) == world_size and not entry.get("lost_ranks")
 
 
 class AveragerReadouts:

@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -42,13 +43,14 @@ from lightning_gossip._adapter import (
     AdapterCore,
     AveragerReadouts,
     destroy_process_group_at_exit,
+    resumes_rank_by_rank,
 )
 from lightning_gossip.gossip import GossipAverager, GossipOptions, health
 from lightning_gossip.gossip.averager import ExchangeFactory
 from lightning_gossip.gossip.options import check_timeout
 from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
-from lightning_gossip.modes import LockStep, mode_for, refuse_peer_loss_survival
+from lightning_gossip.modes import LockStep, mode_for
 
 
 class _NothingToSkip:
@@ -100,7 +102,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         verify: Optional[bool] = None,
-        on_peer_loss: Literal["fail"] = "fail",
+        on_peer_loss: Literal["fail", "continue"] = "fail",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -129,8 +131,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             outer_momentum=outer_momentum,
             outer_nesterov=outer_nesterov,
             verify=verify,
+            on_peer_loss=on_peer_loss,
         )
-        refuse_peer_loss_survival(on_peer_loss, "GossipFabricStrategy")
         check_timeout(timeout)
         super().__init__(
             accelerator=accelerator,
@@ -157,6 +159,8 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     def _configure_launcher(self) -> None:
         # The world size is known here, before any process is started: reject a topology that cannot work now.
         validate_topology(self.options.topology, self.num_nodes * self.num_processes)
+        if self.options.on_peer_loss == "continue":
+            refuse_killing_launcher(self.cluster_environment)
         super()._configure_launcher()
 
     @override
@@ -203,14 +207,18 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         ``fabric.setup_dataloaders(...)``; the loop then ends an epoch when the shared data runs out (the loader has
         no length), so nothing in the epoch may need every rank at the same step.
         """
-        return self.mode.share_work(dataloader, self.core.seed, self.world_size)
+        return self.mode.share_work(dataloader, self.core.seed, self.world_size, survivors=self._survivors)
+
+    def _survivors(self) -> Any:
+        # with on_peer_loss="continue", the run's membership (the sampler re-queues a lost rank's unfinished data)
+        return self.averager.survivors if self.averager is not None else None
 
     @override
     def process_dataloader(self, dataloader: DataLoader) -> DataLoader:
         dataloader = super().process_dataloader(dataloader)
         # A work-sharing loader (share_work) that Fabric wrapped in its distributed sampler is unwrapped again.
-        return self.mode.training_dataloader(dataloader, self.core.seed, self.world_size) \
-            if _shares_work(dataloader) else dataloader
+        return self.mode.training_dataloader(dataloader, self.core.seed, self.world_size,
+                                             survivors=self._survivors) if _shares_work(dataloader) else dataloader
 
     # -- training -------------------------------------------------------------------------------------------------
     @override
@@ -260,23 +268,39 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         return self.averager
 
     # -- collectives through Fabric: posted on the step board, a lost rank named -----------------------------------
+    # With on_peer_loss="continue" they run over the ranks still alive (a group of exactly them, agreed through the
+    # store), again over the new survivors if one is lost meanwhile: a mean is then the survivors' mean, a gather has
+    # one entry per survivor. A collective over a group of the caller's own is left to the caller.
     @override
     def all_reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        if _default_group(group) and self.core.surviving():
+            source = tensor.detach().clone() if isinstance(tensor, torch.Tensor) else tensor
+            return self.core.among_survivors("fabric.all_reduce", lambda survivors: DDPStrategy.all_reduce(
+                self, _copy(source), group=survivors, reduce_op=reduce_op))
         with self.core.collective("fabric.all_reduce"):
             return super().all_reduce(tensor, group=group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Any, group: Optional[Any] = None, sync_grads: bool = False) -> Any:
+        if _default_group(group) and self.core.surviving():
+            return self.core.among_survivors("fabric.all_gather", lambda survivors: DDPStrategy.all_gather(
+                self, tensor, group=survivors, sync_grads=sync_grads))
         with self.core.collective("fabric.all_gather"):
             return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        with self.core.collective(f"fabric.broadcast from rank {src}"):
+        what = f"fabric.broadcast from rank {src}"
+        if self.core.surviving():
+            return self.core.among_survivors(what, lambda survivors: _broadcast_object(obj, src, survivors, what))
+        with self.core.collective(what):
             return super().broadcast(obj, src=src)
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self.core.surviving():
+            self.core.among_survivors("fabric.barrier", lambda survivors: None)  # its agreements wait for everyone
+            return
         with self.core.collective("fabric.barrier"):
             super().barrier(*args, **kwargs)
 
@@ -377,7 +401,7 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
         plan = None
         if entry is not None:
             own = None
-            if entry["world_size"] == self.world_size:
+            if resumes_rank_by_rank(entry, self.world_size):
                 if "parts" in entry:
                     # checked against its header on every rank before any resumes; a bad part names its file
                     own = self.core.load_own_part(self.checkpoint_io, os.fspath(path), entry, **extra)
@@ -428,6 +452,43 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             )
         for name, (description, settings) in OUTER_STRATEGIES.items():  # "gossip_outer", "gossip_outer_async"
             strategy_registry.register(name, cls, description=description, **settings)
+
+
+def refuse_killing_launcher(environment: Optional[ClusterEnvironment]) -> None:
+    """``on_peer_loss="continue"`` needs the survivors left running: refuse, before any worker starts, the launchers
+    that end every worker when one dies (Fabric's own, torchrun's agent)."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    how = ("start the workers with `python -m lightning_gossip.gossip.launch --nproc N your_script.py` (it leaves the "
+           "survivors running and hosts the store outside the workers), with Fabric(devices=N)")
+    if isinstance(environment, TorchElasticEnvironment):
+        raise ValueError("GossipFabricStrategy(on_peer_loss='continue') cannot run under torchrun: its agent ends "
+                         f"every worker when one dies (and restarts them all). Instead {how}.")
+    if environment is None or not environment.creates_processes_externally:
+        raise ValueError("GossipFabricStrategy(on_peer_loss='continue') needs workers whose death leaves the others "
+                         "running, but Fabric would start them itself, and its launcher ends every process when one "
+                         f"dies (rank 0 also hosts the store there). Instead {how}.")
+
+
+def _default_group(group: Any) -> bool:
+    # Fabric's all_reduce/all_gather pass the default group explicitly when the caller named none.
+    return group is None or group is dist.group.WORLD
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _broadcast_object(obj: Any, src: int, group: Any, what: str) -> Any:
+    from lightning_gossip.gossip.errors import GossipPeerError
+
+    members = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if src not in members:
+        raise GossipPeerError(f"Rank {dist.get_rank()} cannot run {what}: rank {src} was lost (the survivors are "
+                              f"ranks {members}).", dist.get_rank(), [src])
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def _shares_work(dataloader: Any) -> bool:

@@ -34,32 +34,26 @@ class AsynchronousModeError(ValueError):
     """A setting that needs every rank at the same training step, refused in asynchronous mode."""
 
 
-# Why the strategies refuse on_peer_loss="continue" (the plain-torch averager supports it; see
-# lightning_gossip.gossip.survival and docs/reliability.md for what the adapters would need).
-WHY_NO_PEER_LOSS_SURVIVAL = {
-    "GossipStrategy": (
-        "the Trainer runs collectives over every rank of the original world that the gossip algorithm does not own: "
-        "barriers and broadcasts of its checkpoint callbacks and loops, self.log(sync_dist=True), torchmetrics' "
-        "process groups, and the strategy's SIGTERM agreement; each would wait for the lost rank or fail"
-    ),
-    "GossipFabricStrategy": (
-        "Fabric's barrier(), all_reduce()/broadcast() in the training script and the checkpoint save (per-rank "
-        "parts written together) are collectives over every rank of the original world, which would wait for the "
-        "lost rank or fail; and a SIGKILLed worker makes Fabric's launcher end the others"
-    ),
-}
+# Why the Trainer strategy refuses on_peer_loss="continue" (the plain-torch averager and the Fabric strategy support
+# it; see lightning_gossip.gossip.survival and docs/reliability.md for what the Trainer would need).
+WHY_NO_TRAINER_PEER_LOSS_SURVIVAL = (
+    "the Trainer runs collectives over every rank of the original world that the gossip algorithm does not own: "
+    "barriers and broadcasts of its checkpoint callbacks and loops, self.log(sync_dist=True), torchmetrics' process "
+    "groups, and the strategy's SIGTERM agreement; each would wait for the lost rank or fail"
+)
 
 
-def refuse_peer_loss_survival(on_peer_loss: Any, adapter: str) -> None:
-    """Raise a clear error for ``on_peer_loss="continue"`` under a Lightning strategy (before any worker starts);
-    a value that is neither "fail" nor "continue" gets GossipOptions' error naming the allowed values."""
+def refuse_trainer_peer_loss_survival(on_peer_loss: Any) -> None:
+    """Raise a clear error for ``GossipStrategy(on_peer_loss="continue")`` (before any worker starts); a value that
+    is neither "fail" nor "continue" gets GossipOptions' error naming the allowed values."""
     GossipOptions(asynchronous=True, on_peer_loss=on_peer_loss)  # validates the value itself
     if on_peer_loss == "continue":
         raise ValueError(
-            f"{adapter}(on_peer_loss='continue') is not supported: {WHY_NO_PEER_LOSS_SURVIVAL[adapter]}. Surviving a "
-            "lost peer works with the plain-torch GossipAverager(asynchronous=True, on_peer_loss='continue') and a "
-            "WorkSharingSampler(survivors=averager.survivors); under Lightning keep on_peer_loss='fail' (the run stops "
-            "naming the lost rank and can restart from its last checkpoint)."
+            f"GossipStrategy(on_peer_loss='continue') is not supported: {WHY_NO_TRAINER_PEER_LOSS_SURVIVAL}. Surviving "
+            "a lost peer works with GossipFabricStrategy(asynchronous=True, on_peer_loss='continue') and with the "
+            "plain-torch GossipAverager(asynchronous=True, on_peer_loss='continue') and a "
+            "WorkSharingSampler(survivors=averager.survivors); under the Trainer keep on_peer_loss='fail' (the run "
+            "stops naming the lost rank and can restart from its last checkpoint)."
         )
 
 
@@ -72,12 +66,15 @@ class LockStep:
         self.options = options
 
     def training_dataloader(
-        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None
+        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None,
+        survivors: Optional[Callable[[], Any]] = None,
     ) -> Any:
-        """The training dataloader as this mode needs it (here: as it is)."""
+        """The training dataloader as this mode needs it (here: as it is). ``survivors``: the run's membership, for
+        ``on_peer_loss="continue"`` (a callable, since the averager is built after the dataloader may be)."""
         return dataloader
 
-    def share_work(self, dataloader: Any, seed: int, world_size: int) -> Any:
+    def share_work(self, dataloader: Any, seed: int, world_size: int,
+                   survivors: Optional[Callable[[], Any]] = None) -> Any:
         raise AsynchronousModeError(
             "Work sharing lets fast ranks take more batches than slow ones, but lock-step gossip pairs ranks by step "
             "number, so every rank must take the same number of steps: use GossipFabricStrategy(asynchronous=True) "
@@ -96,15 +93,17 @@ class Asynchronous(LockStep):
         self.sampler: Optional[WorkSharingSampler] = None
 
     def training_dataloader(
-        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None
+        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None,
+        survivors: Optional[Callable[[], Any]] = None,
     ) -> Any:
-        shared = work_sharing_dataloader(dataloader, seed, world_size, stop)
+        shared = work_sharing_dataloader(dataloader, seed, world_size, stop, survivors)
         if isinstance(shared, DataLoader) and isinstance(shared.sampler, WorkSharingSampler):
             self.sampler = shared.sampler
         return shared
 
-    def share_work(self, dataloader: Any, seed: int, world_size: int) -> Any:
-        return self.training_dataloader(dataloader, seed, world_size)
+    def share_work(self, dataloader: Any, seed: int, world_size: int,
+                   survivors: Optional[Callable[[], Any]] = None) -> Any:
+        return self.training_dataloader(dataloader, seed, world_size, survivors=survivors)
 
 
 def mode_for(options: GossipOptions) -> LockStep:
@@ -113,7 +112,8 @@ def mode_for(options: GossipOptions) -> LockStep:
 
 
 def work_sharing_dataloader(
-    dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None
+    dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None,
+    survivors: Optional[Callable[[], Any]] = None,
 ) -> Any:
     """The training dataloader with its (distributed) sampler replaced by a :class:`WorkSharingSampler`.
 
@@ -158,5 +158,6 @@ def work_sharing_dataloader(
         seed=seed,
         world_size=world_size,
         stop=stop,
+        survivors=survivors,
     )
     return update_dataloader(dataloader, shared)

@@ -34,6 +34,7 @@ from lightning_gossip._adapter import (
     AdapterCore,
     AveragerReadouts,
     destroy_process_group_at_exit,
+    resumes_rank_by_rank,
 )
 from lightning_gossip._lightning_compat import (
     _is_local_file_protocol,
@@ -54,7 +55,7 @@ from lightning_gossip.gossip.outer import OUTER_STRATEGIES
 from lightning_gossip.gossip.state import NO_FLOAT_TENSORS, gossiped_tensors
 from lightning_gossip.gossip.topology import TopologyLike, validate_topology
 from lightning_gossip.launchers import GossipMultiProcessingLauncher, GossipSubprocessScriptLauncher
-from lightning_gossip.modes import refuse_peer_loss_survival
+from lightning_gossip.modes import refuse_trainer_peer_loss_survival
 from lightning_gossip.trainer_modes import TrainerLockStep, trainer_mode_for
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
             outer_nesterov=outer_nesterov,
             verify=verify,
         )
-        refuse_peer_loss_survival(on_peer_loss, "GossipStrategy")
+        refuse_trainer_peer_loss_survival(on_peer_loss)
         self.monitor = check_bool("monitor", monitor)
         self.sigterm_sync_every = check_optional_int("sigterm_sync_every", sigterm_sync_every, minimum=1, unit="steps")
         check_timeout(timeout)
@@ -476,7 +477,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         gossip = checkpoint.get(CHECKPOINT_KEY)
         module = self.lightning_module
         fitting = module is not None and module._trainer is not None and self._fitting(module.trainer)
-        if isinstance(gossip, dict) and "parts" in gossip and fitting and gossip["world_size"] == self.world_size:
+        if isinstance(gossip, dict) and "parts" in gossip and fitting and resumes_rank_by_rank(gossip, self.world_size):
             checkpoint[CHECKPOINT_KEY] = {
                 **gossip, "mine": self.core.load_own_part(self.checkpoint_io, os.fspath(checkpoint_path), gossip, **extra)
             }
@@ -501,7 +502,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         assert self.lightning_module is not None
         gossip = checkpoint.get(CHECKPOINT_KEY)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        if gossip is None or not fitting or gossip["world_size"] != self.world_size:
+        if gossip is None or not fitting or not resumes_rank_by_rank(gossip, self.world_size):
             check_checkpoint_fits(self.lightning_module, checkpoint["state_dict"], strict)
             super().load_model_state_dict(checkpoint, strict=strict)
             if gossip is not None and fitting:
@@ -515,7 +516,7 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         gossip = checkpoint.get(CHECKPOINT_KEY)
-        if gossip is not None and gossip["world_size"] == self.world_size:
+        if gossip is not None and resumes_rank_by_rank(gossip, self.world_size):
             mine = self._own_state(gossip, self.global_rank)
             checkpoint = {**checkpoint, "optimizer_states": mine["optimizer_states"]}
         super().load_optimizer_state_dict(checkpoint)

@@ -179,11 +179,13 @@ class TrainerAsynchronous(TrainerLockStep, Asynchronous):
         return max(1, math.ceil(sampler.batches_per_pass() / sampler.world_size))
 
     def training_dataloader(
-        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None
+        self, dataloader: Any, seed: int, world_size: int, stop: Optional[Callable[[], bool]] = None,
+        survivors: Optional[Callable[[], Any]] = None,
     ) -> Any:
         flag = self.flag
         return super().training_dataloader(
-            dataloader, seed, world_size, stop=(lambda: flag.raised("stop")) if flag is not None else stop
+            dataloader, seed, world_size, stop=(lambda: flag.raised("stop")) if flag is not None else stop,
+            survivors=survivors,
         )
 
     def on_train_start(self, strategy: Any, trainer: pl.Trainer) -> None:

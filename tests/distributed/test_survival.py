@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gossip.gossip import GossipAverager, GossipOptions
 from tests.helpers.distributed import free_port
+from tests.helpers.survival import check_survival_accounting
 
 WORLD_SIZE, SAMPLES, BATCH, EPOCHS, VICTIM = 4, 320, 8, 3, 2
 PG_TIMEOUT = timedelta(seconds=60)
@@ -132,38 +133,7 @@ def _run(tmp_path, kill_where, kill_at, timeout=240):
 
 
 def _check_accounting(out, victim_trained):
-    survivors = sorted(out)
-    first = out[survivors[0]]
-    report = first["report"]
-    # Every survivor has the same report: the victim, declared once, its weight accounted at a consistent cut.
-    assert all(out[r]["report"] == report for r in survivors)
-    assert [peer["rank"] for peer in report["lost"]] == [VICTIM]
-    assert all(out[r]["alive"] == survivors for r in survivors)
-    assert all(out[r]["counters"]["peers_lost"] == 1 for r in survivors)
-    assert 0.0 < report["weight_lost"] < 1.0
-    # The survivors' weights sum to 1 - what the report says was lost, to float64 rounding.
-    total = sum(out[r]["weight"] for r in survivors)
-    assert abs(total - (1.0 - report["weight_lost"])) < 1e-12, (total, report["weight_lost"])
-    # The final consensus is the same on every survivor (bit for bit: one all-reduce result, loaded everywhere).
-    assert all(out[r]["flat"] == first["flat"] for r in survivors)
-    chunk_size = None
-    for epoch in range(EPOCHS):
-        finished = first["seen"][epoch]["finished"]
-        assert all(out[r]["seen"][epoch]["finished"] == finished for r in survivors), epoch
-        chunks = sorted(i for per_rank in finished.values() for i in per_rank)
-        assert chunks == list(range(len(chunks))), (epoch, finished)  # every chunk finished by exactly one rank
-        survivor_ids = [i for r in survivors for i in out[r]["seen"][epoch]["ids"]]
-        assert len(survivor_ids) == len(set(survivor_ids)), epoch  # no survivor trained a sample twice
-        lost_ids = victim_trained.get(epoch, [])
-        # Everything not trained by a survivor was trained by the victim before it died...
-        assert set(survivor_ids) | set(lost_ids) == set(range(SAMPLES)), epoch
-        # ...and what both trained is the victim's interrupted chunk, redone by a survivor (less than one chunk).
-        redone = set(survivor_ids) & set(lost_ids)
-        if chunk_size is None:
-            chunk_size = SAMPLES // len(chunks) if len(chunks) else SAMPLES
-        assert len(redone) < chunk_size + BATCH, (epoch, len(redone))
-        assert len(survivor_ids) + len(set(lost_ids) - redone) == SAMPLES, epoch
-    return report
+    return check_survival_accounting(out, [VICTIM], victim_trained, EPOCHS, SAMPLES, BATCH)
 
 
 @pytest.mark.parametrize("kill_step", [13, pytest.param(4, marks=pytest.mark.slow),
@@ -197,13 +167,16 @@ def test_on_peer_loss_is_validated_before_any_worker_starts():
     assert GossipOptions(asynchronous=True, on_peer_loss="continue").on_peer_loss == "continue"
 
 
-@pytest.mark.parametrize("adapter", ["GossipStrategy", "GossipFabricStrategy"])
-def test_lightning_strategies_refuse_continue_clearly_and_name_bad_values(adapter):
+def test_trainer_strategy_refuses_continue_clearly_and_both_strategies_name_bad_values():
     import lightning_gossip
 
-    strategy = getattr(lightning_gossip, adapter)
-    with pytest.raises(ValueError, match=rf"{adapter}\(on_peer_loss='continue'\) is not supported: .*GossipAverager"):
-        strategy(asynchronous=True, on_peer_loss="continue")
-    with pytest.raises(ValueError, match=r"on_peer_loss must be 'fail' or 'continue', got 'ignore'"):
-        strategy(asynchronous=True, on_peer_loss="ignore")
-    assert strategy(asynchronous=True, on_peer_loss="fail").options.on_peer_loss == "fail"
+    with pytest.raises(ValueError, match=r"GossipStrategy\(on_peer_loss='continue'\) is not supported: .*"
+                                         r"GossipFabricStrategy\(asynchronous=True, on_peer_loss='continue'\)"):
+        lightning_gossip.GossipStrategy(asynchronous=True, on_peer_loss="continue")
+    for adapter in ("GossipStrategy", "GossipFabricStrategy"):
+        strategy = getattr(lightning_gossip, adapter)
+        with pytest.raises(ValueError, match=r"on_peer_loss must be 'fail' or 'continue', got 'ignore'"):
+            strategy(asynchronous=True, on_peer_loss="ignore")
+        assert strategy(asynchronous=True, on_peer_loss="fail").options.on_peer_loss == "fail"
+    fabric = lightning_gossip.GossipFabricStrategy(asynchronous=True, on_peer_loss="continue")
+    assert fabric.options.on_peer_loss == "continue"
