@@ -45,6 +45,7 @@ from experiments.benchmark.common import (
     weighted_consensus,
 )
 from experiments.benchmark.configs import OUTER_ROWS, scenario_repeats
+from lightning_gossip.bench.results import fmt_bytes as _fmt_bytes  # one formatting for both reports
 from lightning_gossip.bench.results import stamp_line
 
 SCHEMA = "lightning-gossip-benchmark/1"
@@ -423,16 +424,6 @@ def check_targets(results: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _fmt_bytes(b: Optional[float]) -> str:
-    if b is None:
-        return "-"
-    if b >= 1e6:
-        return f"{b / 1e6:.2f} MB"
-    if b >= 1e3:
-        return f"{b / 1e3:.1f} kB"
-    return f"{b:.0f} B"
-
-
 def _fmt(x: Optional[float], spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 

@@ -41,6 +41,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # no
 
 from experiments.benchmark.common import make_data, make_model  # noqa: E402
 from lightning_gossip import GossipStrategy  # noqa: E402
+from lightning_gossip.bench.worker import interface_tx_bytes  # noqa: E402
 
 
 _COLLECTIVES = (
@@ -90,18 +91,6 @@ class BenchModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-
-
-def _tx_bytes() -> Optional[int]:
-    """Bytes sent by this process's network interface; only meaningful inside its own network namespace."""
-    ifname = os.environ.get("BENCH_IFNAME")
-    if not ifname or ifname == "lo":
-        return None
-    try:
-        with open(f"/sys/class/net/{ifname}/statistics/tx_bytes") as f:
-            return int(f.read())
-    except OSError:
-        return None
 
 
 def _counters(trainer: L.Trainer) -> dict[str, int]:
@@ -175,7 +164,7 @@ class Recorder(Callback):
             self.compute_s = self._calibrate(pl_module)
             if rank == int(straggler["rank"]):
                 self.sleep_s = (float(straggler["factor"]) - 1.0) * self.compute_s
-        self.tx_start = _tx_bytes()
+        self.tx_start = interface_tx_bytes()
         self._snapshot(trainer, pl_module, 0)
 
     def _time_calls(self, trainer: L.Trainer) -> None:
@@ -212,12 +201,12 @@ class Recorder(Callback):
         step = trainer.global_step
         if step == self.warmup:
             self.window_counters = _counters(trainer)
-            self.window_tx = _tx_bytes()
+            self.window_tx = interface_tx_bytes()
             COLLECTIVES.count, COLLECTIVES.active = 0, True
         if step == int(self.run["steps"]):
             # The end of the timed window: before the final consensus that ``fit`` runs in on_train_end.
             self.last_counters = _counters(trainer)
-            self.tx_last = _tx_bytes()
+            self.tx_last = interface_tx_bytes()
             COLLECTIVES.active = False
             self.collectives = COLLECTIVES.count
         if step % self.snapshot_every == 0 or step == int(self.run["steps"]):
@@ -309,7 +298,7 @@ def run_one(run: dict, plan: dict, rank: int, world_size: int, out_dir: str) -> 
     trainer.fit(model, loader)
     t_end = time.perf_counter()
     counters = _counters(trainer)
-    tx_end = _tx_bytes()
+    tx_end = interface_tx_bytes()
     strategy = trainer.strategy
     averager = getattr(strategy, "averager", None)
     weight = float(getattr(strategy, "gossip_weight", 1.0)) if isinstance(strategy, GossipStrategy) else 1.0

@@ -40,7 +40,7 @@ class BenchConfigError(RuntimeError):
     """An error that every run would hit (a bad model, datamodule, metric name): the benchmark stops at once."""
 
 
-def _tx_bytes() -> Optional[int]:
+def interface_tx_bytes() -> Optional[int]:
     """Bytes sent by this process's network interface; only meaningful inside its own network namespace."""
     ifname = os.environ.get("BENCH_IFNAME")
     if not ifname or ifname == "lo":
@@ -135,7 +135,7 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
         def _pause(self) -> None:
             if self._pause_start is None and self.t0 is not None:
                 self._pause_start = time.perf_counter()
-                self._tx_pause_start = _tx_bytes()
+                self._tx_pause_start = interface_tx_bytes()
                 self._wait_pause_start = _runqueue_wait()
                 self._cpu_pause_start = time.process_time()
 
@@ -144,7 +144,7 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
                 self.paused += time.perf_counter() - self._pause_start
                 self._pause_start = None
                 self.paused_cpu += time.process_time() - self._cpu_pause_start
-                tx = _tx_bytes()
+                tx = interface_tx_bytes()
                 if tx is not None and self._tx_pause_start is not None:
                     self.tx_paused += tx - self._tx_pause_start
                 wait = _runqueue_wait()
@@ -158,7 +158,7 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
             if averager is not None:
                 self.message_bytes = int(averager.state.message_bytes)
             self.cpu0 = time.process_time()
-            self.tx0 = _tx_bytes()
+            self.tx0 = interface_tx_bytes()
             self.wait0 = _runqueue_wait()
             self.t0 = time.perf_counter()
 
@@ -237,7 +237,7 @@ def make_callbacks(pl: Any) -> tuple[type, type]:
             # Before the strategy's own end of training (the final consensus), which is not training time.
             self.train_end = self.clock()
             self.cpu1 = time.process_time()
-            self.tx1 = _tx_bytes()
+            self.tx1 = interface_tx_bytes()
             counters = getattr(trainer.strategy, "counters", None)
             if counters is not None and hasattr(counters, "as_dict"):
                 self.counters = dict(counters.as_dict())
