@@ -75,9 +75,10 @@ class ResumePlan:
             warnings.warn(
                 f"Resuming a gossip checkpoint saved after rank(s) {list(entry['lost_ranks'])} of "
                 f"{entry['world_size']} were lost (on_peer_loss='continue'): their states are gone, so every rank "
-                f"starts from the checkpoint's consensus model (the exact weighted average of the survivors "
-                f"{list(entry.get('survivors', []))}) with gossip weight 1/{world_size}, the optimizer state of the "
-                f"rank that wrote the file and gossip counters at zero; the gossip schedule goes on from step {step}.",
+                f"starts from the checkpoint's consensus model (the weighted average the survivors "
+                f"{list(entry.get('survivors', []))} computed at the save) with gossip weight 1/{world_size}, the "
+                f"optimizer state of the rank that wrote the file and gossip counters at zero; the gossip schedule "
+                f"goes on from step {step}.",
                 stacklevel=3,
             )
 
@@ -333,22 +334,34 @@ class AdapterCore:
         everyone = self.among_survivors("the exchange of the checkpoint parts every rank wrote",
                                         lambda group: _gather_objects(group, (rank, record, failure)))
         failures = [entry[2] for entry in everyone if entry[2]]
-        if failures:
+        if failures and not survivors.any_lost:  # after a loss no part is needed: the save goes on without them
             raise RuntimeError(f"Could not save the checkpoint {path}: a part could not be written "
                                f"({'; '.join(failures)}).")
         members = sorted(entry[0] for entry in everyone)
-        if rank != members[0]:
-            return
-        if survivors.any_lost or len(members) < world_size:
-            entry = {"world_size": world_size, "lost_ranks": list(survivors.lost), "survivors": members,
-                     "loss_report": survivors.report.as_dict()}
-        else:
-            entry = parts_entry(save_id, world_size, [entry[1] for entry in everyone], path)
-        write_main({**entry, "step": self.averager.step_count})
-        if remove_old_parts is not None:
-            remove_old_parts(path, save_id)
-        if remove_leftovers is not None:
-            remove_leftovers(os.path.dirname(os.path.abspath(path)))
+        full = not survivors.any_lost and len(members) == world_size and all(entry[1] for entry in everyone)
+        while True:
+            wrote = False
+            if rank == members[0]:
+                if full:
+                    entry = parts_entry(save_id, world_size, [entry[1] for entry in everyone], path)
+                else:
+                    entry = {"world_size": world_size, "lost_ranks": list(survivors.lost), "survivors": members,
+                             "loss_report": survivors.report.as_dict()}
+                write_main({**entry, "step": self.averager.step_count})
+                if not full and remove_old_parts is not None:
+                    remove_old_parts(path, "")  # a loss entry names no parts: this save's, if any, are orphans
+                elif remove_old_parts is not None:
+                    remove_old_parts(path, save_id)
+                if remove_leftovers is not None:
+                    remove_leftovers(os.path.dirname(os.path.abspath(path)))
+                wrote = True
+            # The writer may die before its file is complete: every survivor learns whether it finished, and if
+            # it did not, the lowest survivor left writes the file again (a loss entry, since the writer is lost).
+            confirmations = self.among_survivors("the confirmation that a checkpoint's main file was written",
+                                                 lambda group: _gather_objects(group, (rank, wrote)))
+            if any(done for _, done in confirmations):
+                return
+            members, full = sorted(member for member, _ in confirmations), False
 
     def load_own_part(self, checkpoint_io: Any, path: str, entry: Mapping[str, Any], **load_kwargs: Any
                       ) -> dict[str, Any]:

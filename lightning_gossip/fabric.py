@@ -274,9 +274,16 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
     @override
     def all_reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         if _default_group(group) and self.core.surviving():
+            # Each try reduces a copy (a try cut short by a loss must not have touched the input); the result then
+            # goes into the input, which Fabric's all_reduce changes in place.
             source = tensor.detach().clone() if isinstance(tensor, torch.Tensor) else tensor
-            return self.core.among_survivors("fabric.all_reduce", lambda survivors: DDPStrategy.all_reduce(
+            result = self.core.among_survivors("fabric.all_reduce", lambda survivors: DDPStrategy.all_reduce(
                 self, _copy(source), group=survivors, reduce_op=reduce_op))
+            if isinstance(tensor, torch.Tensor):
+                with torch.no_grad():
+                    tensor.copy_(result)
+                return tensor
+            return result
         with self.core.collective("fabric.all_reduce"):
             return super().all_reduce(tensor, group=group, reduce_op=reduce_op)
 
@@ -295,6 +302,15 @@ class GossipFabricStrategy(DDPStrategy, AveragerReadouts):
             return self.core.among_survivors(what, lambda survivors: _broadcast_object(obj, src, survivors, what))
         with self.core.collective(what):
             return super().broadcast(obj, src=src)
+
+    def broadcast_from_survivor(self, obj: Any) -> Any:
+        """``obj`` of the lowest rank still alive, on every rank (``on_peer_loss="continue"``; otherwise rank 0's, as
+        ``fabric.broadcast(obj, src=0)``). The source is chosen inside the agreement, so every rank uses the same one
+        even when ranks differ on who was alive when they called."""
+        if self.core.surviving():
+            return self.core.among_survivors("fabric.strategy.broadcast_from_survivor()", lambda survivors:
+                                             _broadcast_object(obj, None, survivors, "a broadcast from a survivor"))
+        return self.broadcast(obj, src=0)
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
@@ -479,10 +495,13 @@ def _copy(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _broadcast_object(obj: Any, src: int, group: Any, what: str) -> Any:
+def _broadcast_object(obj: Any, src: Optional[int], group: Any, what: str) -> Any:
+    """``obj`` of global rank ``src`` (``None``: the group's lowest member) over ``group``."""
     from lightning_gossip.gossip.errors import GossipPeerError
 
     members = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    if src is None:
+        src = min(members)
     if src not in members:
         raise GossipPeerError(f"Rank {dist.get_rank()} cannot run {what}: rank {src} was lost (the survivors are "
                               f"ranks {members}).", dist.get_rank(), [src])

@@ -291,6 +291,8 @@ class GossipAverager:
             else:
                 self.finish()
             self.exchange.close()
+            if self._health is not None:
+                self._health.disarm()  # the run ended normally: peers may now exit at any moment
             return
         if self.exchange.equal_steps:
             # Before draining: a rank that took fewer steps would otherwise wait for messages never sent.

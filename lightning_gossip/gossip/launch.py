@@ -31,12 +31,11 @@ import argparse
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -44,22 +43,34 @@ import torch.distributed as dist
 POLL_SECONDS = 0.05
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+#: Variables of other launchers and schedulers that Lightning's environment detection would prefer to ours (under
+#: sbatch, SLURM_NTASKS would make every worker a world of one): the workers do not inherit them.
+_FOREIGN_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "LSB_", "TORCHELASTIC_", "GROUP_WORLD_SIZE", "ROLE_")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGKILL when the launcher dies, so a killed launcher leaves no worker behind."""
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def arm() -> None:  # pragma: no cover - runs in the child between fork and exec
+        """Linux: the worker gets SIGKILL when the launcher dies, so a killed launcher leaves no worker behind."""
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (AttributeError, OSError):
+            return
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return arm
+
+
+def _signal_worker(worker: subprocess.Popen, signum: int) -> None:
+    """``signum`` to the worker's whole process group (it leads one: its own children, data loader workers, too)."""
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
+        os.killpg(worker.pid, signum)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
 def worker_environment(rank: int, nproc: int, host: str, port: int) -> dict[str, str]:
-    """The variables one worker gets (beside the launcher's own environment)."""
+    """The variables one worker gets (beside the launcher's environment, less other launchers' variables)."""
     return {
         "MASTER_ADDR": host,
         "MASTER_PORT": str(port),
@@ -93,28 +104,27 @@ def run(command: Sequence[str], nproc: int, host: str = "127.0.0.1", port: Optio
         raise ValueError(f"--kill-after must be a positive number of seconds, got {kill_after}")
     if not command:
         raise ValueError("no command to run: give the script (and its arguments) after the options")
-    port = port or _free_port(host)
-    # The store lives here, outside every worker, for the whole run.
-    store = dist.TCPStore(host, port, nproc, True, wait_for_workers=False, timeout=timedelta(seconds=store_timeout))
+    # The store lives here, outside every worker, for the whole run (port 0: the system picks a free one).
+    store = dist.TCPStore(host, port or 0, nproc, True, wait_for_workers=False,
+                          timeout=timedelta(seconds=store_timeout))
+    port = store.port
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith(_FOREIGN_PREFIXES)}
+    arm = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
     workers: list[subprocess.Popen] = []
-    for rank in range(nproc):
-        env = {**os.environ, **worker_environment(rank, nproc, host, port)}
-        workers.append(subprocess.Popen(list(command), env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
         received.append(signum)
         for worker in workers:
             if worker.poll() is None:
-                try:
-                    os.kill(worker.pid, signum)
-                except ProcessLookupError:
-                    pass
+                _signal_worker(worker, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     codes: dict[int, int] = {}
     try:
+        for rank in range(nproc):
+            env = {**inherited, **worker_environment(rank, nproc, host, port)}
+            workers.append(subprocess.Popen(list(command), env=env, start_new_session=True, preexec_fn=arm))
         while len(codes) < nproc:
             for rank, worker in enumerate(workers):
                 code = worker.poll()
@@ -131,7 +141,7 @@ def run(command: Sequence[str], nproc: int, host: str = "127.0.0.1", port: Optio
                     time.sleep(POLL_SECONDS)
                 for worker in workers:
                     if worker.poll() is None:
-                        worker.kill()
+                        _signal_worker(worker, signal.SIGKILL)
                 for rank, worker in enumerate(workers):
                     codes.setdefault(rank, worker.wait())
                 break
@@ -139,10 +149,9 @@ def run(command: Sequence[str], nproc: int, host: str = "127.0.0.1", port: Optio
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+        for worker in workers:  # whatever is left of the workers' process groups (their children included)
+            _signal_worker(worker, signal.SIGKILL)
+            worker.wait()
         del store
     if received:
         return 128 + received[0]

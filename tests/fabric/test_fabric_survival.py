@@ -80,9 +80,9 @@ def _check_epoch_collectives(records, victim_counts):
         expected = sum(len(records[r]["seen"][epoch]["ids"]) if r in records else victim_counts[r][epoch]
                        for r in members)
         assert entries[0]["trained_sum"] == expected, (epoch, members)
-        assert all(e["token"] == f"epoch {epoch}" for e in entries)
-    # after the loss, the gathers list exactly the survivors
-    assert records[survivors[0]]["seen"][-1]["gathered"] == survivors
+        assert all(e["inplace"] == len(members) for e in entries)
+        # broadcast_from_survivor: the lowest rank alive in that agreement, the same on every survivor
+        assert {e["token"] for e in entries} == {f"epoch {epoch} from rank {min(members)}"}
 
 
 def test_fabric_survives_a_rank_killed_mid_epoch_and_its_checkpoint_resumes(tmp_path):
@@ -93,6 +93,7 @@ def test_fabric_survives_a_rank_killed_mid_epoch_and_its_checkpoint_resumes(tmp_
     report = check_survival_accounting(records, [2], victim_trained, EPOCHS, SAMPLES, BATCH)
     assert sum(len(ids) for ids in victim_trained.values()) == 13 * BATCH  # it died before its step 14
     _check_epoch_collectives(records, victim_counts)
+    assert records[0]["seen"][-1]["gathered"] == [0, 1, 3]  # after the loss: exactly the survivors
     # The checkpoint of the last epoch records the loss; it holds the survivors' consensus and no parts.
     checkpoint = torch.load(out / "last.ckpt", weights_only=False)
     entry = checkpoint["gossip"]
@@ -117,8 +118,8 @@ def test_fabric_survives_a_rank_killed_mid_epoch_and_its_checkpoint_resumes(tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("victims", "kill_at", "where"),
-    [("1,2", "5,17", "step"), ("3", "1", "save"), ("0", "0", "end")],
-    ids=["two-ranks-mid-epoch", "rank3-in-a-save", "rank0-in-end"],
+    [("1,2", "5,17", "step"), ("3", "1", "save"), ("0", "2", "main"), ("0", "0", "end")],
+    ids=["two-ranks-mid-epoch", "rank3-in-a-save", "writer-in-the-last-main-file", "rank0-in-end"],
 )
 def test_fabric_survives_kills_at_other_moments(tmp_path, victims, kill_at, where):
     lost = [int(v) for v in victims.split(",")]
@@ -127,7 +128,10 @@ def test_fabric_survives_kills_at_other_moments(tmp_path, victims, kill_at, wher
     report = check_survival_accounting(records, lost, victim_trained, EPOCHS, SAMPLES, BATCH)
     if where != "end":
         _check_epoch_collectives(records, victim_counts)
-    else:  # rank 0 died in end(), after every epoch: each of them was trained by all four
+    if where == "main":  # the writer died writing the last save: the next survivor wrote it (a loss entry)
+        entry = torch.load(tmp_path / "last.ckpt", weights_only=False)["gossip"]
+        assert entry["lost_ranks"] == [0] and entry["survivors"] == [1, 2, 3], entry
+    if where == "end":  # rank 0 died in end(), after every epoch's work
         assert report["lost"][0]["rank"] == 0
 
 

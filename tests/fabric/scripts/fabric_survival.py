@@ -3,7 +3,7 @@
 Started by ``python -m lightning_gossip.gossip.launch --nproc 4 fabric_survival.py OUT`` (the launcher hosts the store
 and leaves the survivors running). Ranks listed in ``VICTIMS`` SIGKILL themselves (a real signal, by themselves) at
 ``KILL_WHERE``: ``step`` (before their step ``KILL_AT``), ``save`` (inside ``fabric.save`` of epoch ``KILL_AT``, after the
-consistent cut, while writing the part) or ``end`` (inside ``fabric.strategy.end()``'s agreement). The others train
+consistent cut, while writing the part), ``main`` (the writer, while writing the main file of that save) or ``end`` (inside ``fabric.strategy.end()``'s agreement). The others train
 ``EPOCHS`` epochs on shared work, and after each epoch run Fabric collectives (``all_reduce``, ``all_gather``,
 ``barrier``, ``broadcast``) and ``fabric.save``; then ``fabric.strategy.end()``. With ``RESUME=<checkpoint>`` every
 rank first ``fabric.load``\\ s it. Each survivor writes ``OUT/rank<r>.json``; a victim logs what it trained to
@@ -60,6 +60,19 @@ def main() -> None:
             return original_write(*args, **kwargs)
 
         checkpoint_io.write_part_with_header = write_part_with_header
+    if victim and kill_where == "main":  # die while writing the main file of save KILL_AT (the writer: lowest rank)
+        from lightning_gossip.checkpoint_io import AtomicCheckpointIO
+
+        original_save, mains = AtomicCheckpointIO.save_checkpoint, [0]
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if str(path).endswith("last.ckpt"):
+                if mains[0] == my_kill_at:
+                    _die()
+                mains[0] += 1
+            return original_save(self, checkpoint, path, storage_options=storage_options)
+
+        AtomicCheckpointIO.save_checkpoint = save_checkpoint
     torch.manual_seed(0)
     dataset = TensorDataset(torch.randn(SAMPLES, 4), torch.arange(SAMPLES))
     model = nn.Linear(4, 2)
@@ -96,11 +109,14 @@ def main() -> None:
         trained = fabric.all_reduce(torch.tensor(float(len(ids))), reduce_op="sum")
         gathered = fabric.all_gather(torch.tensor([rank]))
         fabric.barrier()
-        token = fabric.broadcast(f"epoch {epoch}", src=min(strategy.averager.alive_ranks))
+        token = strategy.broadcast_from_survivor(f"epoch {epoch} from rank {rank}")
+        inplace = torch.tensor([1.0])
+        fabric.all_reduce(inplace, reduce_op="sum")  # Fabric reduces in place: the input holds the sum
         fabric.save(checkpoint, {"model": model, "optimizer": optimizer, "epoch": epoch})
         sampler = strategy.mode.sampler
         seen.append({"ids": ids, "finished": {int(r): c for r, c in sampler.finished_chunks.items()},
-                     "trained_sum": float(trained), "gathered": gathered.flatten().tolist(), "token": token})
+                     "trained_sum": float(trained), "gathered": gathered.flatten().tolist(), "token": token,
+                     "inplace": float(inplace)})
     if victim and kill_where == "end":
         from lightning_gossip.gossip import survival
 
