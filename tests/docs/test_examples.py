@@ -26,6 +26,7 @@ EXAMPLES_DIR = ROOT / "examples"
 EXAMPLES = {
     "examples/trainer.py",
     "examples/fabric_loop.py",
+    "examples/fabric_survival.py",
     "examples/torch_loop.py",
     "examples/multinode/train.py",
     "examples/multinode/torchrun.sh",
@@ -103,6 +104,19 @@ def test_fabric_loop_example_saves_and_resumes(tmp_path: Path) -> None:
     (accuracy,) = _accuracies(r"epoch 1: consensus accuracy (\d\.\d+)", second.output)
     assert accuracy > 0.7, second.output[-3000:]
     assert torch.load(tmp_path / "gossip.ckpt", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_fabric_survival_example_survives_its_own_kill(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "lightning_gossip.gossip.launch", "--nproc", "4",
+            str(EXAMPLES_DIR / "fabric_survival.py"), "--kill-rank", "2", "--kill-step", "30"]
+    run = _run(args, tmp_path)
+    finals = re.findall(r"rank (\d): consensus test accuracy (\d\.\d+); lost rank 2 .*; survivors' weights sum to "
+                        r"(\d\.\d+)", run.output)
+    assert sorted(r for r, _, _ in finals) == ["0", "1", "3"], run.output[-3000:]
+    assert len({(a, w) for _, a, w in finals}) == 1 and float(finals[0][1]) > 0.7  # one consensus on the survivors
+    assert "the run finished without rank(s) [2]" in run.output
+    assert "epoch 3: 1437 samples trained by ranks [0, 1, 3]" in run.output
 
 
 def test_torch_loop_example_spawns_its_processes(tmp_path: Path) -> None:
