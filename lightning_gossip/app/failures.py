@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from lightning_gossip.gossip.launch import describe_exit  # one wording of a process's exit for both launchers
+
 
 def restarts_note(max_restarts: int) -> str:
     return f" after {max_restarts} restart(s)" if max_restarts else ""
@@ -24,13 +26,3 @@ def describe_failures(failures: dict[int, Any]) -> str:
     if stopped and causes != sorted(stopped):
         text += "; stopped after it: " + ", ".join(f"rank {rank}" for rank in sorted(stopped))
     return text
-
-
-def describe_exit(code: int) -> str:
-    """A process's exit: ``exit code N`` or ``killed by SIGNAME`` (a negative code is the signal's number)."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"

@@ -86,7 +86,8 @@ def worker_environment(rank: int, nproc: int, host: str, port: int) -> dict[str,
     }
 
 
-def _describe(code: int) -> str:
+def describe_exit(code: int) -> str:
+    """A process's exit: ``exit code N`` or ``killed by SIGNAME`` (a negative code is the signal's number)."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -133,7 +134,7 @@ def run(command: Sequence[str], nproc: int, host: str = "127.0.0.1", port: Optio
                 codes[rank] = code
                 if code != 0:
                     alive = [r for r in range(nproc) if r not in codes]
-                    print(f"[lightning-gossip-launch] worker rank {rank} (pid {worker.pid}) ended: {_describe(code)}; "
+                    print(f"[lightning-gossip-launch] worker rank {rank} (pid {worker.pid}) ended: {describe_exit(code)}; "
                           f"still running: ranks {alive}", file=sys.stderr, flush=True)
             if received and len(codes) < nproc:
                 deadline = time.monotonic() + kill_after
