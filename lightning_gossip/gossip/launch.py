@@ -134,8 +134,8 @@ def run(command: Sequence[str], nproc: int, host: str = "127.0.0.1", port: Optio
                 codes[rank] = code
                 if code != 0:
                     alive = [r for r in range(nproc) if r not in codes]
-                    print(f"[lightning-gossip-launch] worker rank {rank} (pid {worker.pid}) ended: {describe_exit(code)}; "
-                          f"still running: ranks {alive}", file=sys.stderr, flush=True)
+                    print(f"[lightning-gossip-launch] worker rank {rank} (pid {worker.pid}) ended: "
+                          f"{describe_exit(code)}; still running: ranks {alive}", file=sys.stderr, flush=True)
             if received and len(codes) < nproc:
                 deadline = time.monotonic() + kill_after
                 while time.monotonic() < deadline and any(w.poll() is None for w in workers):
