@@ -477,7 +477,8 @@ class GossipStrategy(DDPStrategy, AveragerReadouts):
         gossip = checkpoint.get(CHECKPOINT_KEY)
         module = self.lightning_module
         fitting = module is not None and module._trainer is not None and self._fitting(module.trainer)
-        if isinstance(gossip, dict) and "parts" in gossip and fitting and resumes_rank_by_rank(gossip, self.world_size):
+        own_part = isinstance(gossip, dict) and "parts" in gossip and resumes_rank_by_rank(gossip, self.world_size)
+        if fitting and own_part:
             checkpoint[CHECKPOINT_KEY] = {
                 **gossip, "mine": self.core.load_own_part(self.checkpoint_io, os.fspath(checkpoint_path), gossip, **extra)
             }
